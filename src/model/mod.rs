@@ -1,0 +1,1 @@
+//! Trainable decoder-only transformers and their loading, generation and saving.
