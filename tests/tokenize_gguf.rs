@@ -136,3 +136,55 @@ fn saved_tokenizer_reloads_with_identical_ids_and_template() {
     assert_eq!(reloaded.chat_template(), tokenizer.chat_template());
     assert_eq!(reloaded.eos_token_id(), Some(2));
 }
+
+#[test]
+fn encoding_a_shared_prefix_once_gives_the_same_ids_as_encoding_each_text() {
+    let test = "encoding_a_shared_prefix_once_gives_the_same_ids_as_encoding_each_text";
+    let Some(tokenizer) = smollm2(test) else {
+        return;
+    };
+    let path = assets().join("data/dpo_en_demo.json");
+    if !path.exists() {
+        println!(
+            "SKIPPED {test}: asset {} absent (run scripts/fetch-assets.sh)",
+            path.display()
+        );
+        return;
+    }
+    let demo: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let message = |turn: &Value| {
+        let role = if turn["from"] == "gpt" {
+            "assistant"
+        } else {
+            "user"
+        };
+        Message::new(role, turn["value"].as_str().unwrap())
+    };
+
+    for (i, row) in demo.as_array().unwrap().iter().enumerate() {
+        let prompt: Vec<Message> = row["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(message)
+            .collect();
+        let with = |answer: &Value| {
+            let mut messages = prompt.clone();
+            messages.push(message(answer));
+            tokenizer.apply_chat_template(&messages, false).unwrap()
+        };
+        let texts = [
+            tokenizer.apply_chat_template(&prompt, true).unwrap(),
+            with(&row["chosen"]),
+            with(&row["rejected"]),
+        ];
+
+        let shared = tokenizer
+            .encode_sharing_prefix(&texts.each_ref().map(String::as_str))
+            .unwrap();
+
+        for (text, ids) in texts.iter().zip(&shared) {
+            assert_eq!(ids, &tokenizer.encode(text, false).unwrap(), "pair {i}");
+        }
+    }
+}

@@ -169,18 +169,22 @@ fn encode_chat(
             "conversational data needs a chat template, and this tokenizer has none".into(),
         ));
     }
-    let full = |completion: &[Message]| -> Result<Vec<u32>> {
+    let full = |completion: &[Message]| -> Result<String> {
         let mut messages = prompt.to_vec();
         messages.extend_from_slice(completion);
-        tokenizer.encode(&tokenizer.apply_chat_template(&messages, false)?, false)
+        tokenizer.apply_chat_template(&messages, false)
     };
 
-    let prompt_ids = tokenizer.encode(&tokenizer.apply_chat_template(prompt, true)?, false)?;
-    Ok(split_at_common_prefix(
-        prompt_ids,
+    let texts = [
+        tokenizer.apply_chat_template(prompt, true)?,
         full(chosen)?,
         full(rejected)?,
-    ))
+    ];
+    let [prompt_ids, chosen_ids, rejected_ids]: [Vec<u32>; 3] = tokenizer
+        .encode_sharing_prefix(&texts.each_ref().map(String::as_str))?
+        .try_into()
+        .map_err(|_| Error::Tokenizer("expected three encodings".into()))?;
+    Ok(split_at_common_prefix(prompt_ids, chosen_ids, rejected_ids))
 }
 
 /// The prompt is the part of `prompt_ids` that both full sequences start with.
