@@ -100,7 +100,11 @@ fn empty_completions_are_invalid() {
 #[test]
 fn identical_chosen_and_rejected_are_invalid() {
     let dir = tempfile::tempdir().unwrap();
-    let text = r#"{"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "same"}, "rejected": {"from": "gpt", "value": "same"}}"#;
+    let text = concat!(
+        r#"{"conversations": [{"from": "human", "value": "q"}], "#,
+        r#""chosen": {"from": "gpt", "value": "same"}, "#,
+        r#""rejected": {"from": "gpt", "value": "same"}}"#
+    );
     let path = write(dir.path(), "same.jsonl", text.as_bytes());
 
     let err = PreferenceDataset::load(&path, &tokenizer(), &LoadConfig::default()).unwrap_err();
