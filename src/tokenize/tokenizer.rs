@@ -60,9 +60,11 @@ impl Tokenizer {
             Err(e) => return Err(Error::io(&config_path, e)),
         };
 
+        let mut inner = inner;
         let mut special_tokens = BTreeMap::new();
         let mut chat_template = None;
         if let Some(config) = &config {
+            rebuild_llama_pipeline(&mut inner, config);
             for name in SPECIAL_NAMES {
                 if let Some(token) = config.get(name).and_then(token_content) {
                     special_tokens.insert(name.to_string(), token);
@@ -279,6 +281,43 @@ impl Tokenizer {
             .as_ref()
             .ok_or_else(|| Error::ChatTemplate("this tokenizer has no chat template".into()))
     }
+}
+
+/// transformers 5 builds a `LlamaTokenizer` class's pipeline itself, whatever tokenizer.json
+/// says: no normalizer, a `Metaspace` pre-tokenizer (prepending `▁` always when `legacy`, to
+/// the first piece otherwise, never without `add_prefix_space`) and a matching decoder. The
+/// same is done here so that ids agree (they differ on text that starts with spaces).
+fn rebuild_llama_pipeline(inner: &mut tokenizers::Tokenizer, config: &serde_json::Value) {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip, DecoderWrapper,
+    };
+    use tokenizers::normalizers::{replace::Replace, NormalizerWrapper};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+    let class = config["tokenizer_class"].as_str().unwrap_or_default();
+    if !matches!(class, "LlamaTokenizer" | "LlamaTokenizerFast") {
+        return;
+    }
+    let add_prefix_space = config["add_prefix_space"].as_bool().unwrap_or(true);
+    let legacy = config["legacy"].as_bool().unwrap_or(false);
+    let scheme = match (add_prefix_space, legacy) {
+        (false, _) => PrependScheme::Never,
+        (true, true) => PrependScheme::Always,
+        (true, false) => PrependScheme::First,
+    };
+
+    inner.with_normalizer(None::<NormalizerWrapper>);
+    inner.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', scheme, false)));
+    let mut steps: Vec<DecoderWrapper> = Vec::new();
+    if let Ok(replace) = Replace::new("\u{2581}", " ") {
+        steps.push(replace.into());
+    }
+    steps.push(ByteFallback::default().into());
+    steps.push(Fuse::default().into());
+    if add_prefix_space {
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Sequence::new(steps)));
 }
 
 /// Added tokens after which text can be encoded separately without changing any id: matched
