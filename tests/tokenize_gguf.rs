@@ -188,3 +188,34 @@ fn encoding_a_shared_prefix_once_gives_the_same_ids_as_encoding_each_text() {
         }
     }
 }
+
+#[test]
+fn sentencepiece_gguf_vocabulary_encodes_and_decodes_like_transformers() {
+    // tiny_llama_vocab.gguf and its expected ids: make_sentencepiece_gguf.py (transformers
+    // 5.25.0), a `llama` vocabulary with scores, byte tokens and BOS added.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data");
+    let tokenizer = Tokenizer::from_gguf_file(&PathBuf::from(dir).join("tiny_llama_vocab.gguf"));
+    let tokenizer = tokenizer.unwrap();
+    let expected_path = PathBuf::from(dir).join("tiny_llama_vocab_expected.json");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(expected_path).unwrap()).unwrap();
+
+    for case in expected["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let add_special = case["add_special"].as_bool().unwrap();
+        let got = tokenizer.encode(text, add_special).unwrap();
+        assert_eq!(
+            got,
+            ids(&case["ids"]),
+            "text {text:?}, add_special {add_special}"
+        );
+    }
+    for case in expected["decode"].as_array().unwrap() {
+        let got = tokenizer.decode(&ids(&case["ids"]), true).unwrap();
+        assert_eq!(got, case["text"].as_str().unwrap());
+    }
+    assert_eq!(
+        (tokenizer.bos_token_id(), tokenizer.eos_token_id()),
+        (Some(1), Some(2))
+    );
+}
