@@ -74,7 +74,7 @@ fn known_pairs_tokenize_exactly_as_trl_with_transformers() {
         return;
     };
     let config = LoadConfig {
-        limit: Some(3),
+        limit: Some(5),
         ..LoadConfig::default()
     };
 
@@ -107,24 +107,25 @@ fn completion_mask_covers_exactly_the_completion_tokens_and_eos() {
         return;
     };
     let config = LoadConfig {
-        limit: Some(3),
+        limit: Some(5),
         ..LoadConfig::default()
     };
     let data = PreferenceDataset::load(&path, &tokenizer, &config).unwrap();
 
-    let batch = data.batch(&[1, 0], &Device::Cpu).unwrap();
+    let batch = data.batch(&[4, 1], &Device::Cpu).unwrap();
 
     let input_ids = batch.input_ids.to_vec2::<u32>().unwrap();
     let mask = batch.completion_mask.to_vec2::<f32>().unwrap();
     let expected = fixture_pairs();
+    // Fixture entries: 0 = pair 0, 1 = pair 1 (system prompt), 2 = pair 4 (multi-turn).
     let rows = [
+        (2, "chosen_ids"),
         (1, "chosen_ids"),
-        (0, "chosen_ids"),
+        (2, "rejected_ids"),
         (1, "rejected_ids"),
-        (0, "rejected_ids"),
     ];
-    for (r, (i, key)) in rows.into_iter().enumerate() {
-        let completion = ids(&expected[i][key]);
+    for (r, (entry, key)) in rows.into_iter().enumerate() {
+        let completion = ids(&expected[entry][key]);
         let masked: Vec<u32> = input_ids[r]
             .iter()
             .zip(&mask[r])

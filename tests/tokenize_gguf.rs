@@ -219,3 +219,9 @@ fn sentencepiece_gguf_vocabulary_encodes_and_decodes_like_transformers() {
         (Some(1), Some(2))
     );
 }
+
+#[test]
+fn tokenizer_is_cloneable_and_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<Tokenizer>();
+}

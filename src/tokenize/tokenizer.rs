@@ -14,7 +14,7 @@ use crate::{Error, Result};
 const SPECIAL_NAMES: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_token"];
 
 /// A tokenizer with its special tokens and optional chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special_tokens: BTreeMap<String, String>,
