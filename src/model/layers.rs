@@ -60,6 +60,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, gemma: bool) -> Result<Te
 /// The same as [`rms_norm`] through candle's fused kernel: no backward, inference only.
 pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64, gemma: bool) -> Result<Tensor> {
     let dtype = x.dtype();
+    let x = &x.contiguous()?;
     if gemma {
         let scale = (weight.to_dtype(DType::F32)? + 1.0)?;
         let x32 = x.to_dtype(DType::F32)?;
