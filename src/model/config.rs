@@ -149,6 +149,57 @@ impl ModelConfig {
         matches!(self.family, Family::Gemma2 | Family::Gemma3)
     }
 
+    /// A tiny config of `family` (vocabulary 64, width 32, 2 layers, 4 query and 2 key/value
+    /// heads), for tests and quick experiments with [`crate::model::CausalLm::new_random`].
+    pub fn tiny(family: Family) -> Self {
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+        Self {
+            family,
+            model_type: SUPPORTED
+                .iter()
+                .find(|(_, f)| *f == family)
+                .map_or("llama", |(name, _)| name)
+                .to_string(),
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope: RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+            },
+            rope_local: (family == Family::Gemma3).then_some(RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+            }),
+            max_position_embeddings: 128,
+            tie_word_embeddings: gemma,
+            attention_bias: family == Family::Qwen2,
+            mlp_bias: false,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            sliding_window: gemma.then_some(4),
+            layer_types: if gemma {
+                vec![AttentionKind::Sliding, AttentionKind::Full]
+            } else {
+                vec![AttentionKind::Full; 2]
+            },
+            query_pre_attn_scalar: gemma.then_some(8.0),
+            attn_logit_softcapping: (family == Family::Gemma2).then_some(50.0),
+            final_logit_softcapping: (family == Family::Gemma2).then_some(30.0),
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            raw: None,
+        }
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -396,6 +447,44 @@ impl ModelConfig {
         }
         if let Some(w) = self.sliding_window {
             value["sliding_window"] = json!(w);
+        }
+        if self.is_gemma() {
+            value["hidden_activation"] = value["hidden_act"].clone();
+            let kinds: Vec<&str> = self
+                .layer_types
+                .iter()
+                .map(|k| match k {
+                    AttentionKind::Full => "full_attention",
+                    AttentionKind::Sliding => "sliding_attention",
+                })
+                .collect();
+            value["layer_types"] = json!(kinds);
+            value["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar);
+            value["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
+            value["final_logit_softcapping"] = json!(self.final_logit_softcapping);
+        }
+        if let Some(local) = &self.rope_local {
+            value["rope_local_base_freq"] = json!(local.theta);
+        }
+        match &self.rope.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                value["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                value["rope_scaling"] = json!({
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                });
+            }
         }
         value
     }
