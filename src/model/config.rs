@@ -459,7 +459,8 @@ impl ModelConfig {
                 })
                 .collect();
             value["layer_types"] = json!(kinds);
-            value["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar);
+            // transformers types this field as an integer.
+            value["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar.map(|s| s as u64));
             value["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
             value["final_logit_softcapping"] = json!(self.final_logit_softcapping);
         }
