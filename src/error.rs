@@ -103,6 +103,14 @@ pub enum Error {
     #[error("chat template: {0}")]
     ChatTemplate(String),
 
+    /// A plot could not be drawn or written.
+    #[error("plot: {0}")]
+    Plot(String),
+
+    /// A script failed or was stopped (the scripting host's errors carry their position).
+    #[error("script: {0}")]
+    Script(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
