@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use ganpo::data::{BatchConfig, Format, LoadConfig, PreferenceDataset, Truncation};
+use ganpo::data::{BatchConfig, Columns, Format, LoadConfig, PreferenceDataset, Truncation};
 use ganpo::tokenize::Tokenizer;
 
 fn assets() -> PathBuf {
@@ -168,6 +168,46 @@ fn truncation_of_the_demo_set_is_counted() {
         .unwrap();
     assert!(batch.input_ids.dims()[1] <= 512);
     assert!(batch.prompt_lengths.iter().all(|&p| p <= 256));
+}
+
+#[test]
+fn llama_factory_v1_messages_with_content_parts_load_through_column_mapping() {
+    let test = "llama_factory_v1_messages_with_content_parts_load_through_column_mapping";
+    let Some((tokenizer, demo)) = inputs(test) else {
+        return;
+    };
+    let path = demo.with_file_name("v1_dpo_demo.jsonl");
+    if !path.exists() {
+        println!(
+            "SKIPPED {test}: asset {} absent (run scripts/fetch-assets.sh)",
+            path.display()
+        );
+        return;
+    }
+    let config = LoadConfig {
+        columns: Columns {
+            chosen: "chosen_messages".into(),
+            rejected: "rejected_messages".into(),
+            ..Columns::default()
+        },
+        ..LoadConfig::default()
+    };
+
+    let data = PreferenceDataset::load(&path, &tokenizer, &config).unwrap();
+
+    assert_eq!(data.report().format, Some(Format::ImplicitPrompt));
+    assert_eq!((data.report().records, data.len()), (10, 10));
+    let prompt = tokenizer
+        .decode(data.pair(0).unwrap().prompt, false)
+        .unwrap();
+    assert!(
+        prompt.starts_with("<|im_start|>system\nYou are an AI assistant."),
+        "{prompt}"
+    );
+    assert!(
+        prompt.ends_with("<|im_end|>\n<|im_start|>assistant\n"),
+        "{prompt}"
+    );
 }
 
 /// Wall time of tokenizing all 300 pairs and batching them once (printed; run with

@@ -189,3 +189,32 @@ fn a_missing_split_names_the_files_found() {
         "{err}"
     );
 }
+
+#[test]
+fn a_record_limit_stops_reading_before_later_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let array = write(
+        dir.path(),
+        "cut.json",
+        format!("[{GOOD}, {GOOD}, {{oops").as_bytes(),
+    );
+    let lines = write(
+        dir.path(),
+        "cut.jsonl",
+        format!("{GOOD}\n{GOOD}\n{{oops\n").as_bytes(),
+    );
+    let config = LoadConfig {
+        limit: Some(2),
+        ..LoadConfig::default()
+    };
+
+    for path in [array, lines] {
+        let data = PreferenceDataset::load(&path, &tokenizer(), &config).unwrap();
+        assert_eq!(
+            (data.report().records, data.len()),
+            (2, 2),
+            "{}",
+            path.display()
+        );
+    }
+}

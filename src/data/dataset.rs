@@ -169,7 +169,8 @@ impl PreferenceDataset {
             if config.limit.is_some_and(|l| next_index >= l) {
                 break;
             }
-            next_index += for_each_record(file, next_index, &mut |record| builder.add(record))?;
+            let left = config.limit.map(|l| l - next_index);
+            next_index += for_each_record(file, next_index, left, &mut |r| builder.add(r))?;
         }
         Ok(builder.finish())
     }
