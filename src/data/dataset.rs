@@ -221,8 +221,8 @@ impl PreferenceDataset {
     }
 
     /// The index, in the source files, of pair `i`'s record.
-    pub fn record_index(&self, i: usize) -> usize {
-        self.pairs[i].record as usize
+    pub fn record_index(&self, i: usize) -> Option<usize> {
+        self.pairs.get(i).map(|span| span.record as usize)
     }
 
     /// Pair `i` as stored (before truncation).
@@ -243,8 +243,8 @@ impl PreferenceDataset {
         })
     }
 
-    /// The longer of pair `i`'s two rows after truncation, in tokens.
-    pub fn row_length(&self, i: usize) -> usize {
+    /// The longer of pair `i`'s two rows after truncation, in tokens (`i` must be in range).
+    pub(crate) fn row_length(&self, i: usize) -> usize {
         let span = self.pairs[i];
         let row = |completion: u32| {
             let (p, c) = self
