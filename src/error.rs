@@ -99,6 +99,18 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A chat template failed to compile or render (names the line when known).
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// A plot could not be drawn or written.
+    #[error("plot: {0}")]
+    Plot(String),
+
+    /// A script failed or was stopped (the scripting host's errors carry their position).
+    #[error("script: {0}")]
+    Script(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

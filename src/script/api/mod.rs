@@ -1,0 +1,17 @@
+//! Registration of every script function, one file per concern of the library.
+
+pub mod host;
+pub mod plot;
+pub mod tensor;
+
+use std::rc::Rc;
+
+use super::engine::HostContext;
+use super::registry::Api;
+
+/// Registers the whole API into `api`: the single place where scripts' functions come from.
+pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
+    host::register(api, ctx);
+    tensor::register(api, ctx);
+    plot::register(api, ctx);
+}
