@@ -99,6 +99,10 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A chat template failed to compile or render (names the line when known).
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     /// A plot could not be drawn or written.
     #[error("plot: {0}")]
     Plot(String),

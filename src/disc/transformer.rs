@@ -1,0 +1,286 @@
+//! GANPO's transformer discriminator: SN input projection, learned positions, a pre-norm
+//! encoder, a masked mean pool and an SN head.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::layers::{dropout, linear, normal, softmax_last, xavier_uniform, LayerNorm, SnLinear};
+use super::pool;
+use crate::{Error, Result};
+
+/// Sizes of the transformer discriminator (defaults: GANPO.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerDiscConfig {
+    /// Width of the hidden states fed in (the policy's `hidden_size`).
+    pub input_dim: usize,
+    /// Model width (512).
+    pub d_model: usize,
+    /// Attention heads (8).
+    pub heads: usize,
+    /// Encoder layers (2).
+    pub layers: usize,
+    /// FFN width (2048).
+    pub ffn_dim: usize,
+    /// Dropout in training (0.1): attention weights, attention output, FFN inner, FFN output.
+    pub dropout: f64,
+    /// Learned positions; longer inputs are cut to their first `max_positions` (2048).
+    pub max_positions: usize,
+    /// Spectral normalisation of the input projection and head layers (true).
+    pub spectral_norm: bool,
+}
+
+impl TransformerDiscConfig {
+    /// GANPO.md's sizes for hidden states of width `input_dim`.
+    pub fn new(input_dim: usize) -> Self {
+        Self {
+            input_dim,
+            d_model: 512,
+            heads: 8,
+            layers: 2,
+            ffn_dim: 2048,
+            dropout: 0.1,
+            max_positions: 2048,
+            spectral_norm: true,
+        }
+    }
+}
+
+/// One pre-norm encoder layer (torch's `TransformerEncoderLayer` with `norm_first=True`,
+/// GELU, `batch_first=True`).
+#[derive(Debug)]
+struct EncoderLayer {
+    in_proj_weight: Var,
+    in_proj_bias: Var,
+    out_proj_weight: Var,
+    out_proj_bias: Var,
+    linear1_weight: Var,
+    linear1_bias: Var,
+    linear2_weight: Var,
+    linear2_bias: Var,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn new(rng: &mut ChaCha8Rng, cfg: &TransformerDiscConfig, device: &Device) -> Result<Self> {
+        let d = cfg.d_model;
+        let zeros = |n: usize| Var::zeros(n, DType::F32, device);
+        Ok(Self {
+            in_proj_weight: Var::from_tensor(&xavier_uniform(rng, 3 * d, d, device)?)?,
+            in_proj_bias: zeros(3 * d)?,
+            out_proj_weight: Var::from_tensor(&xavier_uniform(rng, d, d, device)?)?,
+            out_proj_bias: zeros(d)?,
+            linear1_weight: Var::from_tensor(&xavier_uniform(rng, cfg.ffn_dim, d, device)?)?,
+            linear1_bias: zeros(cfg.ffn_dim)?,
+            linear2_weight: Var::from_tensor(&xavier_uniform(rng, d, cfg.ffn_dim, device)?)?,
+            linear2_bias: zeros(d)?,
+            norm1: LayerNorm::new(d, device)?,
+            norm2: LayerNorm::new(d, device)?,
+        })
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        p: f64,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let dh = d / heads;
+        let qkv = linear(
+            x,
+            self.in_proj_weight.as_tensor(),
+            Some(self.in_proj_bias.as_tensor()),
+        )?;
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * d, d)?
+                .reshape((n, t, heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+
+        let scores = q
+            .affine(1.0 / (dh as f64).sqrt(), 0.0)?
+            .matmul(&k.t()?.contiguous()?)?;
+        let weights = dropout(&softmax_last(&scores)?, p, rng)?;
+        let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+
+        linear(
+            &attended,
+            self.out_proj_weight.as_tensor(),
+            Some(self.out_proj_bias.as_tensor()),
+        )
+    }
+
+    fn forward(&self, x: &Tensor, heads: usize, p: f64, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
+        let attended = self.attention(&self.norm1.forward(x)?, heads, p, rng)?;
+        let x = x.add(&dropout(&attended, p, rng)?)?;
+
+        let inner = linear(
+            &self.norm2.forward(&x)?,
+            self.linear1_weight.as_tensor(),
+            Some(self.linear1_bias.as_tensor()),
+        )?
+        .gelu_erf()?;
+        let inner = dropout(&inner, p, rng)?;
+        let out = linear(
+            &inner,
+            self.linear2_weight.as_tensor(),
+            Some(self.linear2_bias.as_tensor()),
+        )?;
+        Ok(x.add(&dropout(&out, p, rng)?)?)
+    }
+
+    fn vars(&self, prefix: &str) -> Vec<(String, Var)> {
+        let mut v = vec![
+            (
+                format!("{prefix}.self_attn.in_proj_weight"),
+                self.in_proj_weight.clone(),
+            ),
+            (
+                format!("{prefix}.self_attn.in_proj_bias"),
+                self.in_proj_bias.clone(),
+            ),
+            (
+                format!("{prefix}.self_attn.out_proj.weight"),
+                self.out_proj_weight.clone(),
+            ),
+            (
+                format!("{prefix}.self_attn.out_proj.bias"),
+                self.out_proj_bias.clone(),
+            ),
+            (
+                format!("{prefix}.linear1.weight"),
+                self.linear1_weight.clone(),
+            ),
+            (format!("{prefix}.linear1.bias"), self.linear1_bias.clone()),
+            (
+                format!("{prefix}.linear2.weight"),
+                self.linear2_weight.clone(),
+            ),
+            (format!("{prefix}.linear2.bias"), self.linear2_bias.clone()),
+        ];
+        v.extend(self.norm1.vars(&format!("{prefix}.norm1")));
+        v.extend(self.norm2.vars(&format!("{prefix}.norm2")));
+        v
+    }
+}
+
+/// The transformer discriminator of GANPO.md. Parameter names follow the torch module
+/// `input_proj`, `pos_embedding`, `encoder.layers.{i}.…`, `head.0`, `head.2`.
+#[derive(Debug)]
+pub struct TransformerDisc {
+    cfg: TransformerDiscConfig,
+    input_proj: SnLinear,
+    pos_embedding: Var,
+    layers: Vec<EncoderLayer>,
+    head_hidden: SnLinear,
+    head_out: SnLinear,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl TransformerDisc {
+    /// A freshly initialised discriminator; `seed` drives its init and its dropout masks.
+    pub fn new(cfg: TransformerDiscConfig, seed: u64, device: &Device) -> Result<Self> {
+        if cfg.heads == 0 || cfg.d_model % cfg.heads != 0 {
+            return Err(Error::invalid(format!(
+                "discriminator d_model {} is not divisible by heads {}",
+                cfg.d_model, cfg.heads
+            )));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let sn = cfg.spectral_norm;
+
+        let input_proj = SnLinear::new(&mut rng, cfg.input_dim, cfg.d_model, sn, device)?;
+        let pos = normal(&mut rng, &[cfg.max_positions, cfg.d_model], 0.02, device)?;
+        let layers = (0..cfg.layers)
+            .map(|_| EncoderLayer::new(&mut rng, &cfg, device))
+            .collect::<Result<Vec<_>>>()?;
+        let head_hidden = SnLinear::new(&mut rng, cfg.d_model, cfg.d_model, sn, device)?;
+        let head_out = SnLinear::new(&mut rng, cfg.d_model, 1, sn, device)?;
+
+        Ok(Self {
+            input_proj,
+            pos_embedding: Var::from_tensor(&pos)?,
+            layers,
+            head_hidden,
+            head_out,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d15c)),
+            cfg,
+        })
+    }
+
+    /// The sizes it was built with.
+    pub fn config(&self) -> &TransformerDiscConfig {
+        &self.cfg
+    }
+
+    /// Scores `[N]` for hidden states `h` `[N, T, input_dim]`; `mask` `[N, T]` restricts the
+    /// mean pool (None: all positions, the reference code's behaviour). `train` turns on
+    /// dropout and one power iteration per spectrally normalised layer.
+    pub fn forward(&self, h: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (_n, t, d) = h.dims3()?;
+        if d != self.cfg.input_dim {
+            return Err(Error::ShapeMismatch {
+                name: "discriminator input".into(),
+                expected: vec![h.dim(0)?, t, self.cfg.input_dim],
+                got: h.dims().to_vec(),
+            });
+        }
+        let t = t.min(self.cfg.max_positions);
+        let h = h.narrow(1, 0, t)?.to_dtype(DType::F32)?;
+        let mask = match mask {
+            Some(m) => Some(m.narrow(1, 0, t)?),
+            None => None,
+        };
+        let p = if train { self.cfg.dropout } else { 0.0 };
+
+        let pos = self.pos_embedding.as_tensor().narrow(0, 0, t)?;
+        let mut x = self.input_proj.forward(&h, train)?.broadcast_add(&pos)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, self.cfg.heads, p, &self.rng)?;
+        }
+
+        let pooled = pool(&x, mask.as_ref())?;
+        let hidden = self.head_hidden.forward(&pooled, train)?.gelu_erf()?;
+        Ok(self.head_out.forward(&hidden, train)?.squeeze(1)?)
+    }
+
+    /// Trainable parameters with torch-style names.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let mut v = self.input_proj.vars("input_proj");
+        v.push(("pos_embedding".into(), self.pos_embedding.clone()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            v.extend(layer.vars(&format!("encoder.layers.{i}")));
+        }
+        v.extend(self.head_hidden.vars("head.0"));
+        v.extend(self.head_out.vars("head.2"));
+        v
+    }
+
+    /// Spectral-norm buffers with torch-style names (`….weight_u`, `….weight_v`).
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut b = self.input_proj.buffers("input_proj")?;
+        b.extend(self.head_hidden.buffers("head.0")?);
+        b.extend(self.head_out.buffers("head.2")?);
+        Ok(b)
+    }
+
+    pub(super) fn sn_layers(&self) -> Vec<(&'static str, &SnLinear)> {
+        vec![
+            ("input_proj", &self.input_proj),
+            ("head.0", &self.head_hidden),
+            ("head.2", &self.head_out),
+        ]
+    }
+
+    pub(super) fn rng(&self) -> &Mutex<ChaCha8Rng> {
+        &self.rng
+    }
+}
