@@ -251,3 +251,30 @@ fn tokenizing_and_batching_300_pairs_is_fast() {
     );
     assert!(best.1 < 30.0, "took {:.1} s", best.1);
 }
+
+#[test]
+fn the_chinese_demo_set_loads_and_round_trips_through_decoding() {
+    let test = "the_chinese_demo_set_loads_and_round_trips_through_decoding";
+    let Some((tokenizer, demo)) = inputs(test) else {
+        return;
+    };
+    let path = demo.with_file_name("dpo_zh_demo.json");
+    if !path.exists() {
+        println!(
+            "SKIPPED {test}: asset {} absent (run scripts/fetch-assets.sh)",
+            path.display()
+        );
+        return;
+    }
+
+    let data = PreferenceDataset::load(&path, &tokenizer, &LoadConfig::default()).unwrap();
+
+    assert_eq!(data.report().loaded, data.report().records);
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let chosen = raw[0]["chosen"]["value"].as_str().unwrap();
+    let decoded = tokenizer
+        .decode(data.pair(0).unwrap().chosen, false)
+        .unwrap();
+    assert_eq!(decoded, format!("{chosen}<|im_end|>\n"));
+}
