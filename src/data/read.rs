@@ -160,6 +160,8 @@ fn read_json_array(
         stopped_at: &mut stopped_at,
     };
 
+    // TODO: a JSON array with non-UTF-8 bytes or a syntax error is fatal even with
+    // `on_invalid = skip`: the parser cannot find the next record after it (JSONL can).
     let outcome = visitor.deserialize(&mut deserializer).and_then(|count| {
         deserializer.end()?;
         Ok(count)
