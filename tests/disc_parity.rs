@@ -201,3 +201,32 @@ fn a_hidden_width_mismatch_names_both_shapes() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_frozen_forward_sends_gradient_to_the_input_but_none_to_the_weights() {
+    let d = Device::Cpu;
+    let cfg = TransformerDiscConfig {
+        d_model: 8,
+        heads: 2,
+        ffn_dim: 16,
+        ..TransformerDiscConfig::new(4)
+    };
+    let disc = Discriminator::transformer(cfg, 4, &d).unwrap();
+    let h = candle_core::Var::randn(0f32, 1.0, (2, 3, 4), &d).unwrap();
+
+    let grads = disc
+        .forward_frozen(h.as_tensor(), None, true)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    assert!(grads.get(h.as_tensor()).is_some());
+    for (name, var) in disc.vars() {
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "{name} got a gradient"
+        );
+    }
+}
