@@ -69,13 +69,20 @@ fn transformer_discriminator_matches_torch_forward_backward_and_spectral_norm_st
         max_abs_diff(&out, &f["out_train"])
     );
     assert!(max_abs_diff(grads.get(h.as_tensor()).unwrap(), &f["grad.h"]) <= 1e-5);
+    let mut worst = 0f32;
     for (name, var) in disc.vars() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let diff = max_abs_diff(g, &f[&format!("grad.{name}")]);
         assert!(diff <= 1e-5, "gradient of {name} differs by {diff}");
+        worst = worst.max(diff);
     }
+    println!(
+        "disc parity: out {:.2e}, grad h {:.2e}, worst param grad {worst:.2e}",
+        max_abs_diff(&out, &f["out_train"]),
+        max_abs_diff(grads.get(h.as_tensor()).unwrap(), &f["grad.h"])
+    );
     for (name, t) in disc.named_tensors().unwrap() {
         if name.ends_with("weight_u") || name.ends_with("weight_v") {
             assert!(

@@ -67,6 +67,11 @@ fn sequence_logps_match_torch_values_and_gradient() {
         .get(logits.as_tensor())
         .expect("logits receive a gradient");
 
+    println!(
+        "logps parity: sum {:.2e}, grad {:.2e}",
+        max_abs_diff(&out.sum, &f["sum"]),
+        max_abs_diff(grad, &f["grad_logits"])
+    );
     assert!(max_abs_diff(&out.sum, &f["sum"]) <= 1e-5);
     assert!(max_abs_diff(&out.count, &f["count"]) == 0.0);
     assert!(max_abs_diff(&out.mean_logit_sum, &f["mean_logit_sum"]) <= 1e-5);
