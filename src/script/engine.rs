@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, Map, Position, Scope, AST};
 
 use super::registry::{Api, Registry};
+use super::repl::Completions;
 use crate::{Error, Result};
 
 /// What a script run is allowed to do and where it writes.
@@ -155,6 +156,7 @@ pub struct Host {
     registry: Registry,
     ctx: Rc<HostContext>,
     scope: Scope<'static>,
+    lib: AST,
 }
 
 impl Host {
@@ -201,6 +203,7 @@ impl Host {
             registry,
             ctx,
             scope,
+            lib: AST::empty(),
         })
     }
 
@@ -272,6 +275,47 @@ impl Host {
         self.eval(source).map(|_| ())
     }
 
+    /// Evaluates one REPL input (or a `:load`ed file): variables stay in the scope and the
+    /// functions it defines stay callable by later inputs.
+    pub fn eval_session(
+        &mut self,
+        source: &str,
+    ) -> std::result::Result<Dynamic, Box<EvalAltResult>> {
+        let ast = self.compile(source)?;
+        let merged = self.lib.merge(&ast);
+        self.lib = self.lib.merge(&ast.clone_functions_only());
+        self.run_ast(&merged)
+    }
+
+    /// The functions defined so far in the session, for running `on_interrupt` hooks.
+    pub fn session_lib(&self) -> &AST {
+        &self.lib
+    }
+
+    /// What tab completion offers now: documented functions, rhai keywords, methods and
+    /// properties (after a `.`), and the session's variables and functions.
+    pub fn completions(&self) -> Completions {
+        let mut names = Completions::default();
+        for doc in self.registry.entries() {
+            let is_method = doc.signature.contains(&format!(".{}", doc.name));
+            if is_method {
+                names.methods.insert(doc.name.to_string());
+            } else if doc.name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                names.functions.insert(doc.name.to_string());
+            }
+        }
+        for keyword in KEYWORDS {
+            names.functions.insert(keyword.to_string());
+        }
+        for f in self.lib.iter_functions() {
+            names.functions.insert(f.name.to_string());
+        }
+        for (name, _, _) in self.scope.iter_raw() {
+            names.variables.insert(name.to_string());
+        }
+        names
+    }
+
     /// Calls the closures scripts registered with `on_interrupt`, after clearing the flag so
     /// that they can run; returns how many ran.
     pub fn run_interrupt_hooks(
@@ -286,6 +330,12 @@ impl Host {
         Ok(hooks.len())
     }
 }
+
+/// rhai keywords and built-ins offered by completion.
+const KEYWORDS: [&str; 22] = [
+    "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "do", "until", "break",
+    "continue", "return", "throw", "try", "catch", "switch", "print", "debug", "type_of", "help",
+];
 
 /// Turns a library error into a script error; the engine adds the call's position.
 pub fn script_err(err: impl std::fmt::Display) -> Box<EvalAltResult> {

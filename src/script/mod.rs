@@ -8,6 +8,7 @@
 pub mod api;
 pub mod engine;
 pub mod registry;
+pub mod repl;
 
 pub use api::tensor::TensorHandle;
 pub use engine::{render_error, Host, HostContext, HostOptions, NoProgress, ProgressSink};
