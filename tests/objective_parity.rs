@@ -301,3 +301,20 @@ fn generator_term_before_any_discriminator_update_is_an_error() {
 
     assert!(err.to_string().contains("c_ref_chosen"));
 }
+
+#[test]
+fn a_token_id_outside_the_vocabulary_is_an_error_not_a_panic() {
+    let device = Device::Cpu;
+    let logits = Tensor::zeros((1, 3, 5), DType::F32, &device).unwrap();
+    let ids = Tensor::new(&[[0u32, 9, 1]], &device).unwrap();
+    let mask = Tensor::new(&[[0f32, 1., 1.]], &device).unwrap();
+
+    let err = sequence_logps(&logits, &ids, &mask)
+        .unwrap_err()
+        .to_string();
+
+    assert!(
+        err.contains("label 9") && err.contains("vocabulary 5"),
+        "{err}"
+    );
+}
