@@ -4,6 +4,7 @@
 //! ```text
 //! GANPO_BENCH_STEP=dpo   cargo test --test train_bench -- --ignored --nocapture
 //! GANPO_BENCH_STEP=ganpo cargo test --test train_bench -- --ignored --nocapture
+//! GANPO_BENCH_STEP=both  cargo test --test train_bench -- --ignored --nocapture
 //! ```
 //! Each run prints the mean step time and the process's peak resident memory (VmHWM); run
 //! the two in separate processes so that their peaks do not mix.
@@ -121,34 +122,52 @@ fn bench_ganpo_step_against_dpo_step_on_smollm2() {
     };
     let before = peak_rss_mib();
 
-    let mut times = vec![];
+    // "both" alternates the two steps in one process, so that a shared machine's changing
+    // load affects both alike; the peak memory of each alone needs its own process.
+    let modes: Vec<&str> = match mode.as_str() {
+        "both" => vec!["dpo", "ganpo"],
+        "ganpo" => vec!["ganpo"],
+        _ => vec!["dpo"],
+    };
+    let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for step in 0..=steps {
-        let inputs = StepInputs {
-            policy: &policy,
-            reference: Some(&reference),
-            batch: &batch,
-            reference_logps: None,
-            step,
-        };
-        let start = Instant::now();
-        match mode.as_str() {
-            "ganpo" => ganpo_step(
-                &inputs,
-                &mut opt,
-                &mut adversary,
-                &GanpoStepConfig::default(),
-            )
-            .unwrap(),
-            _ => dpo_step(&inputs, &mut opt, &DpoStepConfig::default()).unwrap(),
-        };
-        if step > 0 {
-            times.push(start.elapsed().as_secs_f64());
+        for &m in &modes {
+            let inputs = StepInputs {
+                policy: &policy,
+                reference: Some(&reference),
+                batch: &batch,
+                reference_logps: None,
+                step,
+            };
+            let start = Instant::now();
+            match m {
+                "ganpo" => {
+                    let cfg = GanpoStepConfig::default();
+                    ganpo_step(&inputs, &mut opt, &mut adversary, &cfg).unwrap()
+                }
+                _ => dpo_step(&inputs, &mut opt, &DpoStepConfig::default()).unwrap(),
+            };
+            if step > 0 {
+                times
+                    .entry(m)
+                    .or_default()
+                    .push(start.elapsed().as_secs_f64());
+            }
         }
     }
 
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    for (m, v) in &times {
+        println!(
+            "BENCH mode={m} pairs={pairs} T={t} step_s={:.3} steps={v:?}",
+            mean(v)
+        );
+    }
+    if let (Some(d), Some(g)) = (times.get("dpo"), times.get("ganpo")) {
+        println!("BENCH ganpo/dpo time ratio {:.3}", mean(g) / mean(d));
+    }
     println!(
-        "BENCH mode={mode} pairs={pairs} T={t} step_s={mean:.3} steps={times:?} peak_rss_mib={:.0} rss_before_steps_mib={before:.0}",
+        "BENCH peak_rss_mib={:.0} rss_before_steps_mib={before:.0}",
         peak_rss_mib()
     );
 }
