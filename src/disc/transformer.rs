@@ -266,6 +266,9 @@ impl TransformerDisc {
 
         let pos = pass.param(&self.pos_embedding).narrow(0, 0, t)?;
         let mut x = self.input_proj.forward(&h, pass)?.broadcast_add(&pos)?;
+        // TODO: attention always spans every position, padding included, as the reference
+        // code does; the mask restricts only the pool. A key-padding mask for the `tokens` and
+        // `completion` poolings is the natural next option.
         for layer in &self.layers {
             x = layer.forward(&x, self.cfg.heads, pass, &self.rng)?;
         }

@@ -81,6 +81,9 @@ pub fn sequence_logps(
     }
 
     let (labels, mask) = shift_left(input_ids, &completion_mask.to_dtype(DType::F32)?)?;
+    // TODO: the fused op has only a CPU kernel; on CUDA the composed ops hold several
+    // [N, T, V] tensors. A CUDA kernel (forward and backward) would bring the GPU path to the
+    // same memory bound.
     let per_position = if logits.device().is_cpu() {
         token_logps_fused(logits, &labels)?
     } else {

@@ -53,6 +53,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Captures a run: the policy's trainable tensors (every weight, or only the LoRA adapters
     /// when attached), its optimiser, and the adversary when GANPO is trained.
+    // TODO: LoRA dropout in the model draws from candle's device RNG, which cannot be read
+    // back; a resumed run with LoRA dropout > 0 is therefore equal in distribution, not
+    // bit-for-bit. Everything this module owns (discriminator dropout) is restored exactly.
     pub fn capture(
         step: usize,
         position: Option<BatchPosition>,
