@@ -290,6 +290,7 @@ pub fn dpo_step(
     optimizer: &mut dyn Optimizer,
     cfg: &DpoStepConfig,
 ) -> Result<BTreeMap<String, f64>> {
+    let _span = tracing::debug_span!("dpo_step", step = inputs.step).entered();
     let (pairs, _) = check_batch(inputs.batch)?;
     let vars = inputs.policy.vars();
     let needs_reference = cfg.preference.kind.needs_reference() && !cfg.preference.reference_free;
@@ -459,6 +460,7 @@ pub fn ganpo_step(
     adversary: &mut Adversary,
     cfg: &GanpoStepConfig,
 ) -> Result<BTreeMap<String, f64>> {
+    let _span = tracing::debug_span!("ganpo_step", step = inputs.step).entered();
     let (pairs, _) = check_batch(inputs.batch)?;
     let vars = inputs.policy.vars();
     let base = &cfg.base;
