@@ -1,6 +1,9 @@
 //! Registration of every script function, one file per concern of the library.
 
+pub mod data;
 pub mod host;
+pub mod model;
+pub mod opts;
 pub mod plot;
 pub mod tensor;
 
@@ -13,5 +16,7 @@ use super::registry::Api;
 pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     host::register(api, ctx);
     tensor::register(api, ctx);
+    model::register(api, ctx);
+    data::register(api, ctx);
     plot::register(api, ctx);
 }
