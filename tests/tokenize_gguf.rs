@@ -136,3 +136,92 @@ fn saved_tokenizer_reloads_with_identical_ids_and_template() {
     assert_eq!(reloaded.chat_template(), tokenizer.chat_template());
     assert_eq!(reloaded.eos_token_id(), Some(2));
 }
+
+#[test]
+fn encoding_a_shared_prefix_once_gives_the_same_ids_as_encoding_each_text() {
+    let test = "encoding_a_shared_prefix_once_gives_the_same_ids_as_encoding_each_text";
+    let Some(tokenizer) = smollm2(test) else {
+        return;
+    };
+    let path = assets().join("data/dpo_en_demo.json");
+    if !path.exists() {
+        println!(
+            "SKIPPED {test}: asset {} absent (run scripts/fetch-assets.sh)",
+            path.display()
+        );
+        return;
+    }
+    let demo: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let message = |turn: &Value| {
+        let role = if turn["from"] == "gpt" {
+            "assistant"
+        } else {
+            "user"
+        };
+        Message::new(role, turn["value"].as_str().unwrap())
+    };
+
+    for (i, row) in demo.as_array().unwrap().iter().enumerate() {
+        let prompt: Vec<Message> = row["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(message)
+            .collect();
+        let with = |answer: &Value| {
+            let mut messages = prompt.clone();
+            messages.push(message(answer));
+            tokenizer.apply_chat_template(&messages, false).unwrap()
+        };
+        let texts = [
+            tokenizer.apply_chat_template(&prompt, true).unwrap(),
+            with(&row["chosen"]),
+            with(&row["rejected"]),
+        ];
+
+        let shared = tokenizer
+            .encode_sharing_prefix(&texts.each_ref().map(String::as_str))
+            .unwrap();
+
+        for (text, ids) in texts.iter().zip(&shared) {
+            assert_eq!(ids, &tokenizer.encode(text, false).unwrap(), "pair {i}");
+        }
+    }
+}
+
+#[test]
+fn sentencepiece_gguf_vocabulary_encodes_and_decodes_like_transformers() {
+    // tiny_llama_vocab.gguf and its expected ids: make_sentencepiece_gguf.py (transformers
+    // 5.25.0), a `llama` vocabulary with scores, byte tokens and BOS added.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data");
+    let tokenizer = Tokenizer::from_gguf_file(&PathBuf::from(dir).join("tiny_llama_vocab.gguf"));
+    let tokenizer = tokenizer.unwrap();
+    let expected_path = PathBuf::from(dir).join("tiny_llama_vocab_expected.json");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(expected_path).unwrap()).unwrap();
+
+    for case in expected["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let add_special = case["add_special"].as_bool().unwrap();
+        let got = tokenizer.encode(text, add_special).unwrap();
+        assert_eq!(
+            got,
+            ids(&case["ids"]),
+            "text {text:?}, add_special {add_special}"
+        );
+    }
+    for case in expected["decode"].as_array().unwrap() {
+        let got = tokenizer.decode(&ids(&case["ids"]), true).unwrap();
+        assert_eq!(got, case["text"].as_str().unwrap());
+    }
+    assert_eq!(
+        (tokenizer.bos_token_id(), tokenizer.eos_token_id()),
+        (Some(1), Some(2))
+    );
+}
+
+#[test]
+fn tokenizer_is_cloneable_and_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<Tokenizer>();
+}

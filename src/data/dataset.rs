@@ -44,6 +44,17 @@ pub struct LoadConfig {
     pub limit: Option<usize>,
 }
 
+impl OnInvalid {
+    /// `error` or `skip`.
+    pub fn from_name(name: &str) -> Option<OnInvalid> {
+        match name {
+            "error" => Some(OnInvalid::Error),
+            "skip" => Some(OnInvalid::Skip),
+            _ => None,
+        }
+    }
+}
+
 impl Default for LoadConfig {
     fn default() -> Self {
         LoadConfig {

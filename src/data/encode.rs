@@ -112,29 +112,27 @@ pub struct EncodedPair {
 ///
 /// Conversations: the prompt is rendered with the generation prompt, prompt + completion
 /// without it, and the completion is what follows the common prefix of their ids; the
-/// template's end-of-turn tokens end the completion. Text (when `text_as_chat` is false or the
-/// tokenizer has no template): the EOS token string is appended to each completion and
-/// prompt + completion is tokenized with special tokens (BOS) as one text. In both cases a
-/// completion that does not contain the EOS id gets it appended, so every completion teaches
-/// the model to stop.
+/// template's end-of-turn tokens (`<|im_end|>\n` in ChatML) end the completion, and no
+/// further EOS is added. Text (when `text_as_chat` is false or the tokenizer has no
+/// template): the EOS token string is appended to each completion that lacks it, and prompt
+/// + completion is tokenized with special tokens (BOS) as one text.
 pub fn encode_pair(
     pair: &RawPair,
     tokenizer: &Tokenizer,
     text_as_chat: bool,
 ) -> Result<EncodedPair> {
     let as_chat = text_as_chat && tokenizer.chat_template().is_some();
-    let encoded = match (&pair.prompt, &pair.chosen, &pair.rejected) {
+    match (&pair.prompt, &pair.chosen, &pair.rejected) {
         (Turns::Text(p), Turns::Text(c), Turns::Text(r)) if !as_chat => {
-            encode_text(tokenizer, p, c, r)?
+            encode_text(tokenizer, p, c, r)
         }
         _ => {
             let prompt = as_messages(&pair.prompt, "user");
             let chosen = as_messages(&pair.chosen, "assistant");
             let rejected = as_messages(&pair.rejected, "assistant");
-            encode_chat(tokenizer, &prompt, &chosen, &rejected)?
+            encode_chat(tokenizer, &prompt, &chosen, &rejected)
         }
-    };
-    Ok(with_eos(encoded, tokenizer.eos_token_id()))
+    }
 }
 
 fn encode_text(
@@ -169,18 +167,22 @@ fn encode_chat(
             "conversational data needs a chat template, and this tokenizer has none".into(),
         ));
     }
-    let full = |completion: &[Message]| -> Result<Vec<u32>> {
+    let full = |completion: &[Message]| -> Result<String> {
         let mut messages = prompt.to_vec();
         messages.extend_from_slice(completion);
-        tokenizer.encode(&tokenizer.apply_chat_template(&messages, false)?, false)
+        tokenizer.apply_chat_template(&messages, false)
     };
 
-    let prompt_ids = tokenizer.encode(&tokenizer.apply_chat_template(prompt, true)?, false)?;
-    Ok(split_at_common_prefix(
-        prompt_ids,
+    let texts = [
+        tokenizer.apply_chat_template(prompt, true)?,
         full(chosen)?,
         full(rejected)?,
-    ))
+    ];
+    let [prompt_ids, chosen_ids, rejected_ids]: [Vec<u32>; 3] = tokenizer
+        .encode_sharing_prefix(&texts.each_ref().map(String::as_str))?
+        .try_into()
+        .map_err(|_| Error::Tokenizer("expected three encodings".into()))?;
+    Ok(split_at_common_prefix(prompt_ids, chosen_ids, rejected_ids))
 }
 
 /// The prompt is the part of `prompt_ids` that both full sequences start with.
@@ -192,17 +194,6 @@ fn split_at_common_prefix(prompt: Vec<u32>, chosen: Vec<u32>, rejected: Vec<u32>
         chosen: chosen[n..].to_vec(),
         rejected: rejected[n..].to_vec(),
     }
-}
-
-fn with_eos(mut pair: EncodedPair, eos: Option<u32>) -> EncodedPair {
-    if let Some(eos) = eos {
-        for completion in [&mut pair.chosen, &mut pair.rejected] {
-            if !completion.contains(&eos) {
-                completion.push(eos);
-            }
-        }
-    }
-    pair
 }
 
 fn as_messages(turns: &Turns, role: &str) -> Vec<Message> {

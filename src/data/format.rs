@@ -146,11 +146,27 @@ pub fn normalize(
             chosen: Turns::Text(text(field(&columns.chosen)?, &columns.chosen)?),
             rejected: Turns::Text(text(field(&columns.rejected)?, &columns.rejected)?),
         },
-        Format::Conversational => RawPair {
-            prompt: turns(field(&columns.prompt)?, &columns.prompt)?,
-            chosen: turns(field(&columns.chosen)?, &columns.chosen)?,
-            rejected: turns(field(&columns.rejected)?, &columns.rejected)?,
-        },
+        Format::Conversational => {
+            let prompt = turns(field(&columns.prompt)?, &columns.prompt)?;
+            let chosen = turns(field(&columns.chosen)?, &columns.chosen)?;
+            let rejected = turns(field(&columns.rejected)?, &columns.rejected)?;
+            match (prompt, &chosen, &rejected) {
+                // Hugging Face H4 layout (ultrafeedback_binarized): a text prompt beside whole
+                // conversations that repeat it; the conversations' shared prefix is the prompt.
+                (Turns::Text(text), Turns::Messages(_), Turns::Messages(_)) => {
+                    let mut pair = extract_prompt(chosen, rejected, columns)?;
+                    if pair.prompt == Turns::Messages(Vec::new()) {
+                        pair.prompt = Turns::Messages(vec![Message::new("user", text)]);
+                    }
+                    pair
+                }
+                (prompt, _, _) => RawPair {
+                    prompt,
+                    chosen,
+                    rejected,
+                },
+            }
+        }
         Format::ImplicitPrompt => {
             let chosen = turns(field(&columns.chosen)?, &columns.chosen)?;
             let rejected = turns(field(&columns.rejected)?, &columns.rejected)?;

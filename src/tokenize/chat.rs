@@ -39,7 +39,7 @@ impl Message {
 }
 
 /// A compiled chat template together with the special tokens it may refer to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
     env: Environment<'static>,

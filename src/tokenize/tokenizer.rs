@@ -14,11 +14,14 @@ use crate::{Error, Result};
 const SPECIAL_NAMES: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_token"];
 
 /// A tokenizer with its special tokens and optional chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special_tokens: BTreeMap<String, String>,
     chat_template: Option<ChatTemplate>,
+    /// Added tokens that end an independently encoded segment of text (see
+    /// [`Tokenizer::encode_sharing_prefix`]); empty when segments depend on their position.
+    segment_ends: Vec<String>,
 }
 
 impl Tokenizer {
@@ -30,10 +33,12 @@ impl Tokenizer {
         chat_template: Option<&str>,
     ) -> Result<Self> {
         let chat_template = chat_template.map(ChatTemplate::new).transpose()?;
+        let segment_ends = segment_ends(&inner);
         Ok(Tokenizer {
             inner,
             special_tokens,
             chat_template,
+            segment_ends,
         })
     }
 
@@ -55,9 +60,11 @@ impl Tokenizer {
             Err(e) => return Err(Error::io(&config_path, e)),
         };
 
+        let mut inner = inner;
         let mut special_tokens = BTreeMap::new();
         let mut chat_template = None;
         if let Some(config) = &config {
+            rebuild_llama_pipeline(&mut inner, config);
             for name in SPECIAL_NAMES {
                 if let Some(token) = config.get(name).and_then(token_content) {
                     special_tokens.insert(name.to_string(), token);
@@ -106,6 +113,49 @@ impl Tokenizer {
             .encode_fast(text, add_special)
             .map_err(|e| Error::Tokenizer(format!("encoding {} chars: {e}", text.len())))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids (without special-token post-processing) of several texts that share a long
+    /// prefix, e.g. a rendered prompt and the prompt followed by each completion; the same ids
+    /// as [`Tokenizer::encode`] gives each text.
+    ///
+    /// The tokenizer cuts text at added tokens first and encodes the pieces independently, so
+    /// when no normalizer or position-dependent pre-tokenizer is present, the shared prefix up
+    /// to its last added token is encoded once and its ids reused.
+    pub fn encode_sharing_prefix(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let cut = match texts.split_first() {
+            Some((first, rest)) if !self.segment_ends.is_empty() => {
+                let shared = rest
+                    .iter()
+                    .map(|t| common_prefix_len(first, t))
+                    .min()
+                    .unwrap_or(first.len());
+                self.last_segment_end(&first[..shared])
+            }
+            _ => 0,
+        };
+        if cut == 0 {
+            return texts.iter().map(|t| self.encode(t, false)).collect();
+        }
+
+        let head = self.encode(&texts[0][..cut], false)?;
+        texts
+            .iter()
+            .map(|text| {
+                let mut ids = head.clone();
+                ids.extend(self.encode(&text[cut..], false)?);
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// The byte position just after the last segment-ending added token in `text`, or 0.
+    fn last_segment_end(&self, text: &str) -> usize {
+        self.segment_ends
+            .iter()
+            .filter_map(|token| text.rfind(token.as_str()).map(|at| at + token.len()))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Text of `ids`; `skip_special` leaves special tokens out.
@@ -231,6 +281,80 @@ impl Tokenizer {
             .as_ref()
             .ok_or_else(|| Error::ChatTemplate("this tokenizer has no chat template".into()))
     }
+}
+
+/// transformers 5 builds a `LlamaTokenizer` class's pipeline itself, whatever tokenizer.json
+/// says: no normalizer, a `Metaspace` pre-tokenizer (prepending `▁` always when `legacy`, to
+/// the first piece otherwise, never without `add_prefix_space`) and a matching decoder. The
+/// same is done here so that ids agree (they differ on text that starts with spaces).
+fn rebuild_llama_pipeline(inner: &mut tokenizers::Tokenizer, config: &serde_json::Value) {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip, DecoderWrapper,
+    };
+    use tokenizers::normalizers::{replace::Replace, NormalizerWrapper};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+    let class = config["tokenizer_class"].as_str().unwrap_or_default();
+    if !matches!(class, "LlamaTokenizer" | "LlamaTokenizerFast") {
+        return;
+    }
+    let add_prefix_space = config["add_prefix_space"].as_bool().unwrap_or(true);
+    let legacy = config["legacy"].as_bool().unwrap_or(false);
+    let scheme = match (add_prefix_space, legacy) {
+        (false, _) => PrependScheme::Never,
+        (true, true) => PrependScheme::Always,
+        (true, false) => PrependScheme::First,
+    };
+
+    inner.with_normalizer(None::<NormalizerWrapper>);
+    inner.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', scheme, false)));
+    let mut steps: Vec<DecoderWrapper> = Vec::new();
+    if let Ok(replace) = Replace::new("\u{2581}", " ") {
+        steps.push(replace.into());
+    }
+    steps.push(ByteFallback::default().into());
+    steps.push(Fuse::default().into());
+    if add_prefix_space {
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Sequence::new(steps)));
+}
+
+/// Added tokens after which text can be encoded separately without changing any id: matched
+/// verbatim (not normalized, no stripping, not a prefix of another added token), in a
+/// tokenizer without normalizer or `Metaspace`/prepending pre-tokenizer.
+fn segment_ends(inner: &tokenizers::Tokenizer) -> Vec<String> {
+    let pre_tokenizer = inner
+        .get_pre_tokenizer()
+        .and_then(|p| serde_json::to_string(p).ok())
+        .unwrap_or_default();
+    if inner.get_normalizer().is_some()
+        || pre_tokenizer.contains("Metaspace")
+        || pre_tokenizer.contains("prepend")
+    {
+        return Vec::new();
+    }
+
+    let added: Vec<_> = inner.get_added_tokens_decoder().into_values().collect();
+    added
+        .iter()
+        .filter(|t| !t.normalized && !t.lstrip && !t.rstrip && !t.single_word)
+        .filter(|t| {
+            !added
+                .iter()
+                .any(|o| o.content.len() > t.content.len() && o.content.starts_with(&t.content))
+        })
+        .map(|t| t.content.clone())
+        .collect()
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b`, at a character boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map(|((i, _), _)| i)
+        .unwrap_or_else(|| a.len().min(b.len()))
 }
 
 /// Parses a JSON file's text, reporting `file:line` on error.

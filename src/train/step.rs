@@ -1,0 +1,571 @@
+//! The fused training steps: one call runs a whole optimizer step of DPO (or any preference
+//! loss) or of GANPO over a [`PreferenceBatch`], with gradient accumulation over micro-batches.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::data::PreferenceBatch;
+use crate::disc::{Discriminator, Pooling};
+use crate::model::{CausalLm, ForwardOptions, HiddenStates};
+use crate::objective::ganpo::{chosen_disc_loss, generator_loss, rejected_disc_loss};
+use crate::objective::preference::scalar;
+use crate::objective::{preference_loss, sequence_logps, MovingMeans, PreferenceConfig};
+use crate::optim::{clip_grad_norm, GradAccumulator, Optimizer};
+use crate::{Error, Result};
+
+/// Settings of a preference-optimisation step.
+#[derive(Debug, Clone)]
+pub struct DpoStepConfig {
+    /// The base loss (DPO sigmoid by default).
+    pub preference: PreferenceConfig,
+    /// Pairs per micro-batch; gradients of the micro-batches are averaged into one step
+    /// (0: the whole batch at once).
+    pub micro_batch_pairs: usize,
+    /// Global-norm clipping of the policy's gradients (None: no clipping).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for DpoStepConfig {
+    fn default() -> Self {
+        Self {
+            preference: PreferenceConfig::default(),
+            micro_batch_pairs: 0,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+/// Settings of a GANPO step.
+#[derive(Debug, Clone)]
+pub struct GanpoStepConfig {
+    /// The preference part (loss, micro-batches, clipping).
+    pub base: DpoStepConfig,
+    /// Adversarial weight λ of the generator term (1.0 in the paper).
+    pub lambda: f64,
+    /// Hidden-state index to regularise, HF convention (None: the last, the final-norm
+    /// output, as the reference code does).
+    pub layer: Option<usize>,
+    /// Positions the discriminators pool over.
+    pub pooling: Pooling,
+    /// Discriminator optimizer steps per policy step (1 in the reference recipe).
+    pub disc_steps: usize,
+    /// Global-norm clipping of each discriminator's gradients.
+    pub disc_max_grad_norm: Option<f64>,
+}
+
+impl Default for GanpoStepConfig {
+    fn default() -> Self {
+        Self {
+            base: DpoStepConfig::default(),
+            lambda: 1.0,
+            layer: None,
+            pooling: Pooling::All,
+            disc_steps: 1,
+            disc_max_grad_norm: None,
+        }
+    }
+}
+
+/// GANPO's adversary: the two discriminators, their optimisers and the six moving means.
+pub struct Adversary {
+    /// D_c: ref-chosen > policy-chosen > ref-rejected.
+    pub chosen: Discriminator,
+    /// D_r: ref-rejected > policy-rejected > ref-chosen.
+    pub rejected: Discriminator,
+    /// Optimiser of D_c.
+    pub chosen_optimizer: Box<dyn Optimizer>,
+    /// Optimiser of D_r.
+    pub rejected_optimizer: Box<dyn Optimizer>,
+    /// The moving means both losses are formed against.
+    pub means: MovingMeans,
+}
+
+/// Policy-side inputs shared by both steps.
+pub struct StepInputs<'a> {
+    /// The trainable policy.
+    pub policy: &'a CausalLm,
+    /// The frozen reference (needed unless the loss is reference-free, or its log-probs are
+    /// precomputed and the step is DPO).
+    pub reference: Option<&'a CausalLm>,
+    /// The batch.
+    pub batch: &'a PreferenceBatch,
+    /// Precomputed reference log-prob sums `[2B]` in batch row order.
+    pub reference_logps: Option<&'a Tensor>,
+    /// The optimizer step being taken, for error messages (non-finite losses).
+    pub step: usize,
+}
+
+/// Checks that every tensor of `batch` agrees in shape; returns `B` (pairs) and `T`.
+pub fn check_batch(batch: &PreferenceBatch) -> Result<(usize, usize)> {
+    let (rows, t) = batch.input_ids.dims2().map_err(|_| Error::ShapeMismatch {
+        name: "batch.input_ids ([2B, T])".into(),
+        expected: vec![2 * batch.indices.len(), 0],
+        got: batch.input_ids.dims().to_vec(),
+    })?;
+    for (name, tensor) in [
+        ("batch.attention_mask", &batch.attention_mask),
+        ("batch.completion_mask", &batch.completion_mask),
+    ] {
+        if tensor.dims() != [rows, t] {
+            return Err(Error::ShapeMismatch {
+                name: format!("{name} (must match batch.input_ids)"),
+                expected: vec![rows, t],
+                got: tensor.dims().to_vec(),
+            });
+        }
+    }
+    if rows == 0 || rows % 2 != 0 || rows != 2 * batch.indices.len() {
+        return Err(Error::ShapeMismatch {
+            name: "batch.input_ids rows (2 × pairs in batch.indices)".into(),
+            expected: vec![2 * batch.indices.len(), t],
+            got: vec![rows, t],
+        });
+    }
+    if batch.prompt_lengths.len() != rows {
+        return Err(Error::ShapeMismatch {
+            name: "batch.prompt_lengths".into(),
+            expected: vec![rows],
+            got: vec![batch.prompt_lengths.len()],
+        });
+    }
+    Ok((rows / 2, t))
+}
+
+/// The micro-batches of pairs `[start, start + len)`, as row indices (chosen, then rejected).
+fn micro_batches(pairs: usize, per_micro: usize) -> Vec<(usize, usize)> {
+    let per = if per_micro == 0 {
+        pairs
+    } else {
+        per_micro.min(pairs)
+    };
+    (0..pairs)
+        .step_by(per)
+        .map(|s| (s, per.min(pairs - s)))
+        .collect()
+}
+
+fn select_rows(t: &Tensor, pairs: usize, start: usize, len: usize) -> Result<Tensor> {
+    if start == 0 && len == pairs {
+        return Ok(t.clone());
+    }
+    let rows: Vec<u32> = (start..start + len)
+        .chain(pairs + start..pairs + start + len)
+        .map(|r| r as u32)
+        .collect();
+    let idx = Tensor::new(rows, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+/// One micro-batch's tensors.
+struct Micro {
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    reference_logps: Option<Tensor>,
+    pairs: usize,
+}
+
+fn micro(inputs: &StepInputs, pairs: usize, start: usize, len: usize) -> Result<Micro> {
+    let b = inputs.batch;
+    let reference_logps = match inputs.reference_logps {
+        Some(r) => {
+            if r.dims() != [2 * pairs] {
+                return Err(Error::ShapeMismatch {
+                    name: "reference_logps (one per batch row)".into(),
+                    expected: vec![2 * pairs],
+                    got: r.dims().to_vec(),
+                });
+            }
+            Some(select_rows(r, pairs, start, len)?)
+        }
+        None => None,
+    };
+    Ok(Micro {
+        input_ids: select_rows(&b.input_ids, pairs, start, len)?,
+        attention_mask: select_rows(&b.attention_mask, pairs, start, len)?,
+        completion_mask: select_rows(&b.completion_mask, pairs, start, len)?,
+        reference_logps,
+        pairs: len,
+    })
+}
+
+fn finite(step: usize, term: &str, value: f64) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(Error::NonFinite {
+            step,
+            term: term.to_string(),
+            value,
+        })
+    }
+}
+
+fn add_metrics(total: &mut BTreeMap<String, f64>, m: BTreeMap<String, f64>, weight: f64) {
+    for (k, v) in m {
+        *total.entry(k).or_insert(0.0) += v * weight;
+    }
+}
+
+/// Reference log-prob sums of a micro-batch: precomputed ones, or a no-grad forward of the
+/// reference model (also returning the hidden state `layer` when asked).
+fn reference_pass(
+    reference: Option<&CausalLm>,
+    m: &Micro,
+    need_logps: bool,
+    layer: Option<usize>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let need_forward = (need_logps && m.reference_logps.is_none()) || layer.is_some();
+    if !need_forward {
+        return Ok((m.reference_logps.clone(), None));
+    }
+    let reference = reference.ok_or_else(|| {
+        Error::invalid("this step needs a reference model (or precomputed reference log-probs)")
+    })?;
+    let opts = ForwardOptions {
+        logits: need_logps && m.reference_logps.is_none(),
+        hidden: match layer {
+            Some(l) => HiddenStates::Layers(vec![l]),
+            None => HiddenStates::None,
+        },
+    };
+    let out = reference.forward(&m.input_ids, &m.attention_mask, &opts)?;
+
+    let logps = match (&m.reference_logps, &out.logits) {
+        (Some(r), _) => Some(r.clone()),
+        (None, Some(logits)) => Some(
+            sequence_logps(&logits.detach(), &m.input_ids, &m.completion_mask)?
+                .sum
+                .detach(),
+        ),
+        (None, None) => None,
+    };
+    let hidden = match layer {
+        Some(l) => Some(
+            out.hidden(l)
+                .ok_or_else(|| Error::invalid(format!("no hidden state {l}")))?
+                .detach(),
+        ),
+        None => None,
+    };
+    Ok((logps, hidden))
+}
+
+/// One optimizer step of a preference loss (DPO, hinge, IPO, SimPO, reference-free DPO).
+///
+/// For each micro-batch: policy forward with gradient, reference log-probs (precomputed or a
+/// no-grad reference forward), loss, backward; the gradients are averaged, clipped, and the
+/// optimizer steps once. Returns the metrics averaged over micro-batches (TRL names), plus
+/// `grad_norm` (before clipping) and `lr`.
+pub fn dpo_step(
+    inputs: &StepInputs,
+    optimizer: &mut dyn Optimizer,
+    cfg: &DpoStepConfig,
+) -> Result<BTreeMap<String, f64>> {
+    let (pairs, _) = check_batch(inputs.batch)?;
+    let vars = inputs.policy.vars();
+    let needs_reference = cfg.preference.kind.needs_reference() && !cfg.preference.reference_free;
+    let chunks = micro_batches(pairs, cfg.micro_batch_pairs);
+
+    let mut accumulator = GradAccumulator::new();
+    let mut metrics = BTreeMap::new();
+    for &(start, len) in &chunks {
+        let m = micro(inputs, pairs, start, len)?;
+        let weight = m.pairs as f64 / pairs as f64;
+
+        let out =
+            inputs
+                .policy
+                .forward(&m.input_ids, &m.attention_mask, &ForwardOptions::default())?;
+        let logits = out
+            .logits
+            .ok_or_else(|| Error::invalid("policy returned no logits"))?;
+        let policy_logps = sequence_logps(&logits, &m.input_ids, &m.completion_mask)?;
+        drop(logits);
+        let (reference_logps, _) = reference_pass(inputs.reference, &m, needs_reference, None)?;
+
+        let (loss, m_metrics) =
+            preference_loss(&cfg.preference, &policy_logps, reference_logps.as_ref())?;
+        finite(inputs.step, "loss", scalar(&loss)?)?;
+        let grads = loss.affine(weight, 0.0)?.backward()?;
+        accumulator.add(&vars, &grads, 1.0)?;
+        add_metrics(&mut metrics, m_metrics, weight);
+    }
+
+    let mut grads = accumulator.take();
+    let norm = match cfg.max_grad_norm {
+        Some(max) => clip_grad_norm(&vars, &mut grads, max)?,
+        None => crate::optim::grad_norm(&vars, &grads)?,
+    };
+    finite(inputs.step, "grad_norm", norm)?;
+    optimizer.step(&grads)?;
+
+    metrics.insert("grad_norm".into(), norm);
+    metrics.insert("lr".into(), optimizer.lr());
+    Ok(metrics)
+}
+
+/// Scores of one discriminator on `[reference rows (2m); policy rows (m)]` in one forward.
+fn score(
+    disc: &Discriminator,
+    reference_h: &Tensor,
+    policy_h: &Tensor,
+    reference_mask: Option<&Tensor>,
+    policy_mask: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = policy_h.dim(0)?;
+    let h = Tensor::cat(&[reference_h, policy_h], 0)?;
+    let mask = match (reference_mask, policy_mask) {
+        (Some(r), Some(p)) => Some(Tensor::cat(&[r, p], 0)?),
+        _ => None,
+    };
+    let s = disc.forward(&h, mask.as_ref(), true)?;
+    Ok((
+        s.narrow(0, 0, m)?,
+        s.narrow(0, m, m)?,
+        s.narrow(0, 2 * m, m)?,
+    ))
+}
+
+/// Detached states a discriminator update needs, for one micro-batch.
+struct DiscInputs {
+    reference_h: Tensor,
+    policy_h: Tensor,
+    pool_mask: Option<Tensor>,
+    pairs: usize,
+}
+
+impl DiscInputs {
+    fn halves(&self, t: &Tensor, chosen: bool) -> Result<Tensor> {
+        Ok(t.narrow(0, if chosen { 0 } else { self.pairs }, self.pairs)?)
+    }
+
+    /// Forms both discriminator losses (updating the moving means) and backpropagates them
+    /// into the discriminators' accumulators.
+    fn backward(
+        &self,
+        adversary: &mut Adversary,
+        accumulators: &mut [GradAccumulator; 2],
+        weight: f64,
+        step: usize,
+    ) -> Result<BTreeMap<String, f64>> {
+        let mut metrics = BTreeMap::new();
+        for chosen in [true, false] {
+            let disc = if chosen {
+                &adversary.chosen
+            } else {
+                &adversary.rejected
+            };
+            let policy_h = self.halves(&self.policy_h, chosen)?;
+            let policy_mask = match &self.pool_mask {
+                Some(mask) => Some(self.halves(mask, chosen)?),
+                None => None,
+            };
+            let (ref_w, ref_l, pol) = score(
+                disc,
+                &self.reference_h,
+                &policy_h,
+                self.pool_mask.as_ref(),
+                policy_mask.as_ref(),
+            )?;
+            let (loss, m) = if chosen {
+                chosen_disc_loss(&mut adversary.means, &ref_w, &ref_l, &pol)?
+            } else {
+                rejected_disc_loss(&mut adversary.means, &ref_w, &ref_l, &pol)?
+            };
+            let term = if chosen {
+                "disc_loss_pos"
+            } else {
+                "disc_loss_neg"
+            };
+            finite(step, term, scalar(&loss)?)?;
+
+            let grads = loss.affine(weight, 0.0)?.backward()?;
+            let disc = if chosen {
+                &adversary.chosen
+            } else {
+                &adversary.rejected
+            };
+            accumulators[usize::from(!chosen)].add(&disc.vars(), &grads, 1.0)?;
+            metrics.extend(m);
+        }
+        Ok(metrics)
+    }
+}
+
+/// Steps both discriminators once from their accumulated gradients.
+fn step_discriminators(
+    adversary: &mut Adversary,
+    accumulators: &mut [GradAccumulator; 2],
+    max_norm: Option<f64>,
+) -> Result<()> {
+    for (i, acc) in accumulators.iter_mut().enumerate() {
+        let (disc, opt) = if i == 0 {
+            (&adversary.chosen, &mut adversary.chosen_optimizer)
+        } else {
+            (&adversary.rejected, &mut adversary.rejected_optimizer)
+        };
+        let mut grads = acc.take();
+        if let Some(max) = max_norm {
+            clip_grad_norm(&disc.vars(), &mut grads, max)?;
+        }
+        opt.step(&grads)?;
+    }
+    Ok(())
+}
+
+/// One optimizer step of GANPO: the preference loss plus λ times the generator term, with
+/// the discriminators trained on the same batch.
+///
+/// Per micro-batch (GANPO.md's schedule): policy forward with gradient (logits and hidden
+/// state `layer`) → reference forward without gradient → both discriminator losses on
+/// detached states, backward (gradients accumulated; the moving means updated) → policy loss
+/// `L_pref + λ·L_G` with the discriminators frozen, backward. After the last micro-batch the
+/// discriminators step (`disc_steps` times: extra updates re-score the last micro-batch) and
+/// then the policy steps. Metrics: the preference metrics, `dpo_loss`, `g_loss_mimic`,
+/// `g_loss_mimic_rej`, `disc_loss_pos`, `disc_loss_neg`, `disc_acc_pos`, `disc_acc_neg`,
+/// `loss`, `grad_norm`, `lr`, `disc_lr` and the moving means (`mean/…`).
+pub fn ganpo_step(
+    inputs: &StepInputs,
+    optimizer: &mut dyn Optimizer,
+    adversary: &mut Adversary,
+    cfg: &GanpoStepConfig,
+) -> Result<BTreeMap<String, f64>> {
+    let (pairs, _) = check_batch(inputs.batch)?;
+    let vars = inputs.policy.vars();
+    let base = &cfg.base;
+    let needs_reference = base.preference.kind.needs_reference() && !base.preference.reference_free;
+    let layer = cfg
+        .layer
+        .unwrap_or(inputs.policy.config().num_hidden_layers);
+    let chunks = micro_batches(pairs, base.micro_batch_pairs);
+    let opts = ForwardOptions {
+        logits: true,
+        hidden: HiddenStates::Layers(vec![layer]),
+    };
+
+    let mut policy_acc = GradAccumulator::new();
+    let mut disc_acc = [GradAccumulator::new(), GradAccumulator::new()];
+    let mut metrics = BTreeMap::new();
+    let mut last_disc_inputs = None;
+    for (i, &(start, len)) in chunks.iter().enumerate() {
+        let m = micro(inputs, pairs, start, len)?;
+        let weight = m.pairs as f64 / pairs as f64;
+
+        let out = inputs
+            .policy
+            .forward(&m.input_ids, &m.attention_mask, &opts)?;
+        let logits = out
+            .logits
+            .as_ref()
+            .ok_or_else(|| Error::invalid("policy returned no logits"))?;
+        let policy_logps = sequence_logps(logits, &m.input_ids, &m.completion_mask)?;
+        let policy_h = out
+            .hidden(layer)
+            .ok_or_else(|| Error::invalid(format!("no hidden state {layer}")))?
+            .clone();
+        drop(out);
+        let (reference_logps, reference_h) =
+            reference_pass(inputs.reference, &m, needs_reference, Some(layer))?;
+        let reference_h =
+            reference_h.ok_or_else(|| Error::invalid("reference returned no hidden state"))?;
+
+        let pool_mask = match cfg.pooling {
+            Pooling::All => None,
+            Pooling::Tokens => Some(m.attention_mask.clone()),
+            Pooling::Completion => Some(m.completion_mask.clone()),
+        };
+        let disc_inputs = DiscInputs {
+            reference_h,
+            policy_h: policy_h.detach(),
+            pool_mask,
+            pairs: m.pairs,
+        };
+        let d_metrics = disc_inputs.backward(adversary, &mut disc_acc, weight, inputs.step)?;
+        add_metrics(&mut metrics, d_metrics, weight);
+        if i + 1 == chunks.len() {
+            step_discriminators(adversary, &mut disc_acc, cfg.disc_max_grad_norm)?;
+        }
+
+        let (pref_loss, p_metrics) =
+            preference_loss(&base.preference, &policy_logps, reference_logps.as_ref())?;
+        finite(inputs.step, "dpo_loss", scalar(&pref_loss)?)?;
+        let chosen_mask = disc_inputs
+            .pool_mask
+            .as_ref()
+            .map(|mk| disc_inputs.halves(mk, true))
+            .transpose()?;
+        let rejected_mask = disc_inputs
+            .pool_mask
+            .as_ref()
+            .map(|mk| disc_inputs.halves(mk, false))
+            .transpose()?;
+        let d_c = adversary.chosen.forward(
+            &policy_h.narrow(0, 0, m.pairs)?,
+            chosen_mask.as_ref(),
+            true,
+        )?;
+        let d_r = adversary.rejected.forward(
+            &policy_h.narrow(0, m.pairs, m.pairs)?,
+            rejected_mask.as_ref(),
+            true,
+        )?;
+        let (g_loss, g_metrics) = generator_loss(&adversary.means, &d_c, &d_r)?;
+        finite(inputs.step, "g_loss", scalar(&g_loss)?)?;
+
+        let loss = pref_loss.add(&g_loss.affine(cfg.lambda, 0.0)?)?;
+        let loss_value = finite(inputs.step, "loss", scalar(&loss)?)?;
+        let grads = loss.affine(weight, 0.0)?.backward()?;
+        policy_acc.add(&vars, &grads, 1.0)?;
+
+        let mut p_metrics = p_metrics;
+        p_metrics.insert("dpo_loss".into(), p_metrics["loss"]);
+        p_metrics.insert("loss".into(), loss_value);
+        add_metrics(&mut metrics, p_metrics, weight);
+        add_metrics(&mut metrics, g_metrics, weight);
+        last_disc_inputs = Some(disc_inputs);
+    }
+
+    if let Some(d) = &last_disc_inputs {
+        for _ in 1..cfg.disc_steps {
+            d.backward(adversary, &mut disc_acc, 1.0, inputs.step)?;
+            step_discriminators(adversary, &mut disc_acc, cfg.disc_max_grad_norm)?;
+        }
+    }
+
+    let mut grads = policy_acc.take();
+    let norm = match base.max_grad_norm {
+        Some(max) => clip_grad_norm(&vars, &mut grads, max)?,
+        None => crate::optim::grad_norm(&vars, &grads)?,
+    };
+    finite(inputs.step, "grad_norm", norm)?;
+    optimizer.step(&grads)?;
+
+    metrics.insert("grad_norm".into(), norm);
+    metrics.insert("lr".into(), optimizer.lr());
+    metrics.insert("disc_lr".into(), adversary.chosen_optimizer.lr());
+    for (name, value) in adversary.means.named() {
+        metrics.insert(format!("mean/{name}"), value);
+    }
+    Ok(metrics)
+}
+
+/// Reference log-prob sums `[2B]` of a batch, for precomputing once per dataset.
+pub fn reference_logps(reference: &CausalLm, batch: &PreferenceBatch) -> Result<Tensor> {
+    check_batch(batch)?;
+    let out = reference.forward(
+        &batch.input_ids,
+        &batch.attention_mask,
+        &ForwardOptions::default(),
+    )?;
+    let logits = out
+        .logits
+        .ok_or_else(|| Error::invalid("reference returned no logits"))?;
+    Ok(
+        sequence_logps(&logits.detach(), &batch.input_ids, &batch.completion_mask)?
+            .sum
+            .detach()
+            .to_dtype(DType::F32)?,
+    )
+}
