@@ -6,6 +6,7 @@ pub mod model;
 pub mod opts;
 pub mod plot;
 pub mod tensor;
+pub mod train;
 
 use std::rc::Rc;
 
@@ -18,5 +19,6 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     tensor::register(api, ctx);
     model::register(api, ctx);
     data::register(api, ctx);
+    train::register(api, ctx);
     plot::register(api, ctx);
 }

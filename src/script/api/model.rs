@@ -431,8 +431,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
     api.func(
         "logps",
         "m.logps(batch) -> map",
-        "Completion log-probabilities of a batch's 2B rows: #{sum, count, mean} ([2B] tensors; \
-         rows 0..B chosen). Differentiable for a trainable model.",
+        "Completion log-probabilities of a batch's 2B rows: #{sum, count, mean, logit_sum} \
+         ([2B] tensors; rows 0..B chosen). Differentiable for a trainable model.",
         "let lp = policy.logps(b);\nprint(lp.sum);",
         |m: &mut ModelHandle, b: super::data::BatchHandle| -> RResult<Map> {
             let state = m.0.borrow();
@@ -455,6 +455,10 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             map.insert("sum".into(), Dynamic::from(TensorHandle(lp.sum)));
             map.insert("count".into(), Dynamic::from(TensorHandle(lp.count)));
             map.insert("mean".into(), Dynamic::from(TensorHandle(mean)));
+            map.insert(
+                "logit_sum".into(),
+                Dynamic::from(TensorHandle(lp.mean_logit_sum)),
+            );
             Ok(map)
         },
     );
