@@ -129,7 +129,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "Reads preference pairs (JSON, JSONL, Parquet; TRL, conversational or ShareGPT), \
          chat-formats and tokenizes them; opts: max_length, max_prompt_length, truncation, \
          format, on_invalid, split, limit.",
-        "let pairs = load_preferences(\"assets/data/dpo_en_demo.json\", policy, #{max_length: 512});",
+        "let pairs = load_preferences(\"pairs.json\", policy, #{max_length: 512});",
         load,
     );
     api.overload("load_preferences", move |path: &str, with: Dynamic| {

@@ -209,7 +209,7 @@ fn hidden_option(value: Option<&Dynamic>, layers: usize) -> RResult<HiddenStates
             ))),
         };
     }
-    if let Some(i) = v.as_int().ok() {
+    if let Ok(i) = v.as_int() {
         return Ok(HiddenStates::Layers(vec![resolve_layer(i, layers)?]));
     }
     let items = v

@@ -204,6 +204,84 @@ fn discriminator(
     }
 }
 
+const STEP_KEYS: [&str; 3] = ["micro_batch_pairs", "max_grad_norm", "step"];
+const GANPO_KEYS: [&str; 5] = [
+    "lambda",
+    "layer",
+    "pooling",
+    "disc_steps",
+    "disc_max_grad_norm",
+];
+
+fn script_dpo_step(
+    policy: ModelHandle,
+    reference: Dynamic,
+    b: BatchHandle,
+    opt: OptimizerHandle,
+    opts: Map,
+) -> RResult<Map> {
+    let o = Opts::new(&opts, "dpo_step");
+    o.only(&[&PREFERENCE_KEYS[..], &STEP_KEYS[..]].concat())?;
+    let cfg = dpo_config(&o)?;
+
+    let reference = reference_of(&reference)?;
+    let policy = policy.0.borrow();
+    let reference_state = reference.as_ref().map(|r| r.0.borrow());
+    let inputs = StepInputs {
+        policy: &policy.model,
+        reference: reference_state.as_ref().map(|r| &r.model),
+        batch: &b.0,
+        reference_logps: None,
+        step: o.usize("step", 0)?,
+    };
+    let mut optimizer = opt.inner.borrow_mut();
+    let metrics = dpo_step(&inputs, &mut **optimizer, &cfg).map_err(script_err)?;
+    Ok(metrics_map(metrics))
+}
+
+fn script_ganpo_step(
+    policy: ModelHandle,
+    reference: Dynamic,
+    b: BatchHandle,
+    opt: OptimizerHandle,
+    adv: AdversaryHandle,
+    opts: Map,
+) -> RResult<Map> {
+    let o = Opts::new(&opts, "ganpo_step");
+    o.only(&[&PREFERENCE_KEYS[..], &STEP_KEYS[..], &GANPO_KEYS[..]].concat())?;
+    let layers = policy.0.borrow().model.config().num_hidden_layers as i64;
+    let layer = match o.raw("layer").and_then(|v| v.as_int().ok()) {
+        Some(l) if l < 0 => Some((layers + 1 + l).max(0) as usize),
+        Some(l) => Some(l as usize),
+        None => None,
+    };
+    let disc_norm = o.f64("disc_max_grad_norm", 0.0)?;
+    let cfg = GanpoStepConfig {
+        base: dpo_config(&o)?,
+        lambda: o.f64("lambda", 1.0)?,
+        layer,
+        pooling: Pooling::parse(&o.string("pooling", "all")?).map_err(script_err)?,
+        disc_steps: o.usize("disc_steps", 1)?,
+        disc_max_grad_norm: (disc_norm > 0.0).then_some(disc_norm),
+    };
+
+    let reference = reference_of(&reference)?;
+    let policy = policy.0.borrow();
+    let reference_state = reference.as_ref().map(|r| r.0.borrow());
+    let inputs = StepInputs {
+        policy: &policy.model,
+        reference: reference_state.as_ref().map(|r| &r.model),
+        batch: &b.0,
+        reference_logps: None,
+        step: o.usize("step", 0)?,
+    };
+    let mut optimizer = opt.inner.borrow_mut();
+    let mut adversary = adv.0.borrow_mut();
+    let metrics =
+        ganpo_step(&inputs, &mut **optimizer, &mut adversary, &cfg).map_err(script_err)?;
+    Ok(metrics_map(metrics))
+}
+
 /// Registers optimisers, schedules, discriminators, losses, steps and the metrics log.
 pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
     api.engine()
@@ -474,35 +552,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
          loss, beta, label_smoothing, simpo_gamma, reference_free, micro_batch_pairs, \
          max_grad_norm, step. Returns TRL-named metrics, grad_norm and lr.",
         "let m = dpo_step(policy, reference, b, opt, #{beta: 0.1, step: step});",
-        |policy: ModelHandle,
-         reference: Dynamic,
-         b: BatchHandle,
-         opt: OptimizerHandle,
-         opts: Map|
-         -> RResult<Map> {
-            let o = Opts::new(&opts, "dpo_step");
-            o.only(
-                &[
-                    &PREFERENCE_KEYS[..],
-                    &["micro_batch_pairs", "max_grad_norm", "step"],
-                ]
-                .concat(),
-            )?;
-            let cfg = dpo_config(&o)?;
-            let reference = reference_of(&reference)?;
-            let policy = policy.0.borrow();
-            let reference_state = reference.as_ref().map(|r| r.0.borrow());
-            let inputs = StepInputs {
-                policy: &policy.model,
-                reference: reference_state.as_ref().map(|r| &r.model),
-                batch: &b.0,
-                reference_logps: None,
-                step: o.usize("step", 0)?,
-            };
-            let metrics =
-                dpo_step(&inputs, &mut **opt.inner.borrow_mut(), &cfg).map_err(script_err)?;
-            Ok(metrics_map(metrics))
-        },
+        script_dpo_step,
     );
     api.func(
         "ganpo_step",
@@ -510,39 +560,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "One fused GANPO step: discriminator updates then the policy update; opts: the \
          dpo_step ones plus lambda, layer (-1 = last), pooling (all, tokens, completion), \
          disc_steps, disc_max_grad_norm.",
-        "let m = ganpo_step(policy, reference, b, opt, adv, #{lambda: lambda(step), disc_steps: 1});",
-        |policy: ModelHandle, reference: Dynamic, b: BatchHandle, opt: OptimizerHandle, adv: AdversaryHandle, opts: Map| -> RResult<Map> {
-            let o = Opts::new(&opts, "ganpo_step");
-            o.only(&[&PREFERENCE_KEYS[..], &["micro_batch_pairs", "max_grad_norm", "step", "lambda", "layer", "pooling", "disc_steps", "disc_max_grad_norm"]].concat())?;
-            let layers = policy.0.borrow().model.config().num_hidden_layers as i64;
-            let layer = match o.raw("layer").and_then(|v| v.as_int().ok()) {
-                Some(l) if l < 0 => Some((layers + 1 + l).max(0) as usize),
-                Some(l) => Some(l as usize),
-                None => None,
-            };
-            let disc_norm = o.f64("disc_max_grad_norm", 0.0)?;
-            let cfg = GanpoStepConfig {
-                base: dpo_config(&o)?,
-                lambda: o.f64("lambda", 1.0)?,
-                layer,
-                pooling: Pooling::parse(&o.string("pooling", "all")?).map_err(script_err)?,
-                disc_steps: o.usize("disc_steps", 1)?,
-                disc_max_grad_norm: (disc_norm > 0.0).then_some(disc_norm),
-            };
-            let reference = reference_of(&reference)?;
-            let policy = policy.0.borrow();
-            let reference_state = reference.as_ref().map(|r| r.0.borrow());
-            let inputs = StepInputs {
-                policy: &policy.model,
-                reference: reference_state.as_ref().map(|r| &r.model),
-                batch: &b.0,
-                reference_logps: None,
-                step: o.usize("step", 0)?,
-            };
-            let metrics = ganpo_step(&inputs, &mut **opt.inner.borrow_mut(), &mut adv.0.borrow_mut(), &cfg)
-                .map_err(script_err)?;
-            Ok(metrics_map(metrics))
-        },
+        "let m = ganpo_step(policy, reference, b, opt, adv, #{lambda: 0.5, disc_steps: 2});",
+        script_ganpo_step,
     );
 
     api.category("metrics");
