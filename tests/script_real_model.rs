@@ -37,8 +37,16 @@ fn a_script_loads_smollm2_and_it_answers_paris() {
         .unwrap();
 
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Expected answer from ../shared/ASSETS.md (checked with candle's quantized llama).
-    assert_eq!(stdout.lines().next(), Some("The capital of France is Paris."));
+    assert_eq!(
+        stdout.lines().next(),
+        Some("The capital of France is Paris.")
+    );
     assert_eq!(stdout.lines().nth(1), Some("30"));
 }

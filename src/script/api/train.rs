@@ -63,6 +63,50 @@ pub struct MetricsLog {
     path: std::path::PathBuf,
     series: BTreeMap<String, Vec<f64>>,
     started: std::time::Instant,
+    offset: f64,
+}
+
+/// Opens a metrics log: a fresh file, or after a resume the old lines up to `resume_step`
+/// (those written after the checkpoint by the interrupted run are dropped).
+fn open_logger(path: &std::path::Path, resume_step: Option<usize>) -> RResult<LoggerHandle> {
+    let io = |e: std::io::Error| script_err(format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut kept = Vec::new();
+    if let (Some(last), true) = (resume_step, path.exists()) {
+        for (i, line) in std::fs::read_to_string(path)
+            .map_err(io)?
+            .lines()
+            .enumerate()
+        {
+            let record: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| script_err(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            if record["step"].as_u64().is_some_and(|s| s as usize <= last) {
+                kept.push(record);
+            }
+        }
+    }
+
+    let mut file = std::fs::File::create(path).map_err(io)?;
+    let mut series: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut offset = 0.0;
+    for record in &kept {
+        writeln!(file, "{record}").map_err(io)?;
+        for (k, v) in record.as_object().into_iter().flatten() {
+            if let (Some(x), false) = (v.as_f64(), k == "step" || k == "elapsed_s") {
+                series.entry(k.clone()).or_default().push(x);
+            }
+        }
+        offset = record["elapsed_s"].as_f64().unwrap_or(offset);
+    }
+    Ok(LoggerHandle(Rc::new(RefCell::new(MetricsLog {
+        file,
+        path: path.to_path_buf(),
+        series,
+        started: std::time::Instant::now(),
+        offset,
+    }))))
 }
 
 fn vars_of(target: &Dynamic) -> RResult<Vec<(String, Var)>> {
@@ -566,40 +610,33 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
 
     api.category("metrics");
     let c = ctx.clone();
+    let open = move |path: &str, opts: Map| -> RResult<LoggerHandle> {
+        let o = Opts::new(&opts, "metrics_logger");
+        o.only(&["resume_step"])?;
+        let resume = o.opt_usize("resume_step")?;
+        open_logger(&c.writable(path).map_err(script_err)?, resume)
+    };
+    let open2 = open.clone();
     api.func(
         "metrics_logger",
-        "metrics_logger(path) -> MetricsLogger",
-        "Appends one JSON object per step to a .jsonl file under --out (step, elapsed, metrics).",
+        "metrics_logger(path) -> MetricsLogger; metrics_logger(path, #{resume_step})",
+        "One JSON object per step in a .jsonl file under --out (step, elapsed_s, metrics); \
+         a new file, or with resume_step the old lines up to that step kept.",
         "let log = metrics_logger(\"metrics.jsonl\");",
-        move |path: &str| -> RResult<LoggerHandle> {
-            let path = c.writable(path).map_err(script_err)?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| script_err(format!("{}: {e}", dir.display())))?;
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| script_err(format!("{}: {e}", path.display())))?;
-            Ok(LoggerHandle(Rc::new(RefCell::new(MetricsLog {
-                file,
-                path,
-                series: BTreeMap::new(),
-                started: std::time::Instant::now(),
-            }))))
-        },
+        move |path: &str| open2(path, Map::new()),
     );
+    api.overload("metrics_logger", open);
     api.func(
         "log",
         "log.log(step, metrics)",
-        "Writes one line {step, elapsed, ...metrics} and keeps each numeric series.",
+        "Writes one line {step, elapsed_s, ...metrics} and keeps each numeric series.",
         "log.log(step, m);",
         |l: &mut LoggerHandle, step: i64, metrics: Map| -> RResult<()> {
             let mut log = l.0.borrow_mut();
             let mut record = serde_json::Map::new();
             record.insert("step".into(), step.into());
-            record.insert("elapsed".into(), log.started.elapsed().as_secs_f64().into());
+            let elapsed = log.offset + log.started.elapsed().as_secs_f64();
+            record.insert("elapsed_s".into(), elapsed.into());
             for (k, v) in &metrics {
                 let value = serde_json::to_value(v).map_err(script_err)?;
                 if let Some(x) = super::tensor::as_f64(v) {
