@@ -1,0 +1,394 @@
+//! `ganpo-bench`: the speed and memory figures of the project, each measured side by side with
+//! its point of comparison in the same run and printed as a ratio.
+//!
+//! - training throughput: forward+backward tokens/s and peak memory of SmolLM2-135M (f32,
+//!   batch 4 × 256) against PyTorch + transformers eager, when a Python with them is found;
+//! - the GANPO/DPO step ratio: a full GANPO step (policy forward+backward, reference forward,
+//!   both discriminator updates) against a DPO step on the same batch, time and peak memory;
+//! - the scripting overhead: a rhai-driven training loop against the same loop in Rust.
+//!
+//! Each case runs in a child process of its own, so that its peak resident memory (VmHWM) is
+//! its own. Usage:
+//!
+//! ```text
+//! ganpo-bench [--model GGUF] [--data JSON] [--iters N] [--python PATH] [--cases a,b,...]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use serde_json::{json, Value};
+
+use ganpo::data::{BatchConfig, LoadConfig, PreferenceBatch, PreferenceDataset};
+use ganpo::disc::{Discriminator, TransformerDiscConfig};
+use ganpo::model::{CausalLm, ForwardOptions, LoadOptions};
+use ganpo::objective::{sequence_logps, MovingMeans};
+use ganpo::optim::{AdamW, AdamWConfig, Optimizer};
+use ganpo::tokenize::Tokenizer;
+use ganpo::train::{dpo_step, ganpo_step, Adversary, DpoStepConfig, GanpoStepConfig, StepInputs};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Speed and memory of ganpo, side by side with its references"
+)]
+struct Args {
+    /// The GGUF checkpoint measured.
+    #[arg(long, default_value = "assets/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+
+    /// Preference pairs for the DPO/GANPO step cases.
+    #[arg(long, default_value = "assets/data/dpo_en_demo.json")]
+    data: PathBuf,
+
+    /// Timed iterations per case (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+
+    /// Sequences per batch in the throughput case, and pairs per batch in the step cases.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+
+    /// Tokens per sequence in the throughput case (the longest row in the step cases).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+
+    /// The Python with torch and transformers (default: $GANPO_PYTHON, then .refenv/bin/python,
+    /// then python3 when it can import both).
+    #[arg(long)]
+    python: Option<PathBuf>,
+
+    /// Which cases to run: train, torch, dpo, ganpo (all by default).
+    #[arg(long, value_delimiter = ',', default_value = "train,torch,dpo,ganpo")]
+    cases: Vec<String>,
+
+    /// Internal: run one case in this process and print its JSON.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(case) = &args.child {
+        let figures = run_case(case, &args)?;
+        println!("{}", serde_json::to_string(&figures)?);
+        return Ok(());
+    }
+    if !args.model.exists() {
+        bail!(
+            "{}: the model to measure is absent (run scripts/fetch-assets.sh)",
+            args.model.display()
+        );
+    }
+
+    let mut results = serde_json::Map::new();
+    for case in &args.cases {
+        eprintln!("ganpo-bench: measuring {case} ...");
+        let figures = if case == "torch" {
+            match find_python(args.python.as_deref()) {
+                Some(python) => torch_case(&python, &args)?,
+                None => {
+                    eprintln!("ganpo-bench: no Python with torch and transformers; skipping torch");
+                    continue;
+                }
+            }
+        } else {
+            child_case(case, &args)?
+        };
+        results.insert(case.clone(), figures);
+    }
+    print_report(&results, &args);
+    Ok(())
+}
+
+/// Runs `case` in a child process of this binary and parses its JSON line.
+fn child_case(case: &str, args: &Args) -> Result<Value> {
+    let exe = std::env::current_exe()?;
+    let output = Command::new(exe)
+        .args(["--child", case])
+        .arg("--model")
+        .arg(&args.model)
+        .arg("--data")
+        .arg(&args.data)
+        .args(["--iters", &args.iters.to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--seq", &args.seq.to_string()])
+        .output()
+        .with_context(|| format!("running case {case}"))?;
+    if !output.status.success() {
+        bail!(
+            "case {case} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    last_json_line(&output.stdout).with_context(|| format!("case {case} printed no JSON"))
+}
+
+fn last_json_line(stdout: &[u8]) -> Option<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+}
+
+fn run_case(case: &str, args: &Args) -> Result<Value> {
+    match case {
+        "train" => train_case(args),
+        "dpo" | "ganpo" => step_case(case, args),
+        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo"),
+    }
+}
+
+/// Forward+backward of the policy on random tokens; loss: mean next-token log-likelihood.
+fn train_case(args: &Args) -> Result<Value> {
+    let model = load(&args.model, true)?.model;
+    let vocab = model.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..args.batch * args.seq)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) % vocab)
+        .collect();
+    let ids = Tensor::from_vec(ids, (args.batch, args.seq), &Device::Cpu)?;
+    let mask = Tensor::ones((args.batch, args.seq), DType::F32, &Device::Cpu)?;
+
+    let step = || -> Result<()> {
+        let out = model.forward(&ids, &mask, &ForwardOptions::default())?;
+        let logits = out.logits.context("no logits")?;
+        let logps = sequence_logps(&logits, &ids, &mask)?;
+        let count = logps.count.sum_all()?;
+        let loss = logps.sum.sum_all()?.neg()?.div(&count)?;
+        loss.backward()?;
+        Ok(())
+    };
+    let seconds = timed(args.iters, step)?;
+    let tokens = (args.batch * args.seq) as f64;
+    Ok(json!({
+        "train_tokens_per_s": tokens / seconds,
+        "seconds_per_step": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+/// One full DPO or GANPO optimizer step on real preference pairs.
+fn step_case(case: &str, args: &Args) -> Result<Value> {
+    let loaded = load(&args.model, true)?;
+    let policy = loaded.model;
+    let reference = policy.frozen_copy()?;
+    let tokenizer = Tokenizer::from_gguf_file(&args.model)?;
+    let batch = real_batch(&args.data, &tokenizer, args.batch, args.seq)?;
+    let mut optimizer = AdamW::new(
+        policy.vars(),
+        AdamWConfig {
+            lr: 5e-7,
+            ..Default::default()
+        },
+    )?;
+    let mut adversary = (case == "ganpo")
+        .then(|| adversary(policy.config().hidden_size))
+        .transpose()?;
+
+    let mut step_index = 0;
+    let seconds = timed(args.iters, || {
+        let inputs = StepInputs {
+            policy: &policy,
+            reference: Some(&reference),
+            batch: &batch,
+            reference_logps: None,
+            step: step_index,
+        };
+        step_index += 1;
+        match adversary.as_mut() {
+            Some(adversary) => ganpo_step(
+                &inputs,
+                &mut optimizer,
+                adversary,
+                &GanpoStepConfig::default(),
+            )?,
+            None => dpo_step(&inputs, &mut optimizer, &DpoStepConfig::default())?,
+        };
+        Ok(())
+    })?;
+    let (rows, t) = batch.input_ids.dims2()?;
+    Ok(json!({
+        "seconds_per_step": seconds,
+        "rows": rows,
+        "tokens": t,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+fn adversary(width: usize) -> Result<Adversary> {
+    let make =
+        |seed| Discriminator::transformer(TransformerDiscConfig::new(width), seed, &Device::Cpu);
+    let (chosen, rejected) = (make(1)?, make(2)?);
+    let optimizer = |disc: &Discriminator| -> Result<Box<dyn Optimizer>> {
+        let cfg = AdamWConfig {
+            lr: 2.5e-7,
+            ..Default::default()
+        };
+        Ok(Box::new(AdamW::new(disc.vars(), cfg)?))
+    };
+    Ok(Adversary {
+        chosen_optimizer: optimizer(&chosen)?,
+        rejected_optimizer: optimizer(&rejected)?,
+        chosen,
+        rejected,
+        means: MovingMeans::default(),
+    })
+}
+
+/// The first `pairs` pairs of the data file, each row cut to `max_length` tokens.
+fn real_batch(
+    data: &Path,
+    tokenizer: &Tokenizer,
+    pairs: usize,
+    max_length: usize,
+) -> Result<PreferenceBatch> {
+    let config = LoadConfig {
+        max_length: Some(max_length),
+        max_prompt_length: Some(max_length / 2),
+        limit: Some(pairs),
+        ..Default::default()
+    };
+    let dataset = PreferenceDataset::load(data, tokenizer, &config)?;
+    let sampler_config = BatchConfig {
+        batch_size: pairs,
+        shuffle: false,
+        ..Default::default()
+    };
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    let mut sampler = dataset.sampler(indices, &sampler_config)?;
+    let (_, batch) = sampler.next_batch();
+    Ok(dataset.batch(&batch, &Device::Cpu)?)
+}
+
+fn load(path: &Path, trainable: bool) -> Result<ganpo::model::Loaded> {
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        trainable,
+    };
+    let source = path.to_str().context("model path is not UTF-8")?;
+    Ok(CausalLm::load(source, &opts)?)
+}
+
+/// Mean seconds of `iters` calls of `f`, after one untimed warm-up call.
+fn timed(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Peak resident set size of this process, in MiB (Linux `VmHWM`; 0 elsewhere).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn find_python(explicit: Option<&Path>) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = explicit.into_iter().map(Path::to_path_buf).collect();
+    if let Some(env) = std::env::var_os("GANPO_PYTHON") {
+        candidates.push(env.into());
+    }
+    candidates.push(".refenv/bin/python".into());
+    candidates.push("python3".into());
+    candidates.into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import torch, transformers"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+fn torch_case(python: &Path, args: &Args) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .arg("--gguf")
+        .arg(&args.model)
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--seq", &args.seq.to_string()])
+        .args(["--iters", &args.iters.to_string()])
+        .args(["--threads", &num_threads().to_string()])
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    last_json_line(&output.stdout).context("the torch benchmark printed no JSON")
+}
+
+fn num_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
+    let get = |case: &str, key: &str| results.get(case).and_then(|v| v[key].as_f64());
+    println!(
+        "ganpo-bench: {} threads, {} iterations per case, model {}",
+        num_threads(),
+        args.iters,
+        args.model.display()
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>8}",
+        "figure", "ganpo", "reference", "ratio"
+    );
+
+    let row = |name: &str, ours: Option<f64>, theirs: Option<f64>| {
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let ratio = ours.zip(theirs).map(|(a, b)| a / b);
+        println!(
+            "{:<44} {:>12} {:>12} {:>8}",
+            name,
+            fmt(ours),
+            fmt(theirs),
+            fmt(ratio)
+        );
+    };
+    let batch = format!("{}x{}", args.batch, args.seq);
+    row(
+        &format!("train tokens/s, f32 {batch} (vs torch)"),
+        get("train", "train_tokens_per_s"),
+        get("torch", "train_tokens_per_s"),
+    );
+    row(
+        "train peak memory MiB (vs torch)",
+        get("train", "peak_rss_mb"),
+        get("torch", "peak_rss_mb"),
+    );
+    row(
+        "GANPO step seconds (vs DPO step)",
+        get("ganpo", "seconds_per_step"),
+        get("dpo", "seconds_per_step"),
+    );
+    row(
+        "GANPO step peak memory MiB (vs DPO step)",
+        get("ganpo", "peak_rss_mb"),
+        get("dpo", "peak_rss_mb"),
+    );
+    if let Some(torch) = results.get("torch") {
+        println!(
+            "reference: torch {} transformers {}",
+            torch["torch"].as_str().unwrap_or("?"),
+            torch["transformers"].as_str().unwrap_or("?")
+        );
+    }
+}
