@@ -196,3 +196,45 @@ fn probe_and_generate_recipes_write_their_plots_and_tables() {
             .unwrap();
     assert_eq!(answers.len(), 3 * 4, "3 prompts at 4 temperatures");
 }
+
+#[test]
+fn a_ganpo_run_stopped_and_resumed_logs_what_the_uninterrupted_run_logs() {
+    let fx = Fixture::new();
+    let settings = ["--set", "disc=mlp", "--set", "max_steps=4"];
+
+    let full = fx.run("ganpo", &settings);
+    let part = fx.root.join("run-ganpo-part");
+    std::fs::rename(&full, fx.root.join("run-ganpo-full")).unwrap();
+    fx.run(
+        "ganpo",
+        &[&settings[..], &["--set", "stop_after=2"]].concat(),
+    );
+    std::fs::rename(&full, &part).unwrap();
+    assert_files(
+        &part,
+        &["checkpoints/latest", "checkpoints/step-00000002/state.json"],
+    );
+    std::fs::rename(&part, &full).unwrap();
+    fx.run(
+        "ganpo",
+        &[&settings[..], &["--set", "resume=true"]].concat(),
+    );
+
+    let uninterrupted = metric_lines(&fx.root.join("run-ganpo-full"));
+    let resumed = metric_lines(&full);
+    assert_eq!(resumed.len(), 4, "2 kept lines + 2 after the resume");
+    for (a, b) in uninterrupted.iter().zip(&resumed).skip(2) {
+        for (key, x) in a.as_object().unwrap() {
+            if key == "elapsed_s" {
+                continue;
+            }
+            let (x, y) = (x.as_f64().unwrap(), b[key].as_f64().unwrap());
+            // Equal up to float summation order across processes (observed: bit-identical).
+            assert!(
+                (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+                "step {}: {key} {x} vs {y}",
+                a["step"]
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Registration of every script function, one file per concern of the library.
 
+pub mod checkpoint;
 pub mod data;
 pub mod host;
 pub mod model;
@@ -20,5 +21,6 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     model::register(api, ctx);
     data::register(api, ctx);
     train::register(api, ctx);
+    checkpoint::register(api, ctx);
     plot::register(api, ctx);
 }
