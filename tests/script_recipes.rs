@@ -238,3 +238,50 @@ fn a_ganpo_run_stopped_and_resumed_logs_what_the_uninterrupted_run_logs() {
         }
     }
 }
+
+#[test]
+fn train_calls_the_script_schedule_functions_every_step_and_checkpoints() {
+    let fx = Fixture::new();
+    let out = fx.root.join("run-train");
+    let code = "let policy = load_model(config.model);\n\
+        let reference = policy.freeze();\n\
+        let pairs = load_preferences(config.data, policy, #{max_length: 64});\n\
+        let sampler = pairs.sampler(pairs.split(0.0)[0], #{batch_size: 2});\n\
+        let opt = adamw(policy, #{lr: 1e-4});\n\
+        let adv = adversary(policy, #{kind: \"mlp\", lr: 1e-4});\n\
+        let log = metrics_logger(\"metrics.jsonl\");\n\
+        let seen = [];\n\
+        let done = train(#{steps: 3, policy: policy, reference: reference, optimizer: opt,\n\
+            pairs: pairs, sampler: sampler, adversary: adv, logger: log,\n\
+            lambda: |step| step / 2.0, disc_steps: |step| if step == 0 { 2 } else { 1 },\n\
+            lr: |step| 1e-4 * (step + 1), on_step: |step, m| seen.push(m.lambda),\n\
+            checkpoint: \"checkpoints\"});\n\
+        print(done); print(seen);";
+    let model = format!("model={}", fx.path("model"));
+    let data = format!("data={}", fx.path("pairs.json"));
+
+    let (status, stdout, stderr) = ganpo_run(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &model,
+        "--set",
+        &data,
+        "-e",
+        code,
+    ]);
+
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout, "3\n[0.0, 0.5, 1.0]\n");
+    let lines = metric_lines(&out);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["disc_steps"].as_i64(), Some(2));
+    assert_eq!(lines[1]["disc_steps"].as_i64(), Some(1));
+    // lr(step) = 1e-4 · (step + 1) was set before each step; the step reports it back.
+    assert!(
+        (lines[2]["lr"].as_f64().unwrap() - 3e-4).abs() < 1e-12,
+        "{}",
+        lines[2]["lr"]
+    );
+    assert_files(&out, &["checkpoints/step-00000003/state.json"]);
+}

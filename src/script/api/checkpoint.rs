@@ -107,14 +107,14 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "load_checkpoint",
         "load_checkpoint(root, #{policy, optimizer, adversary, sampler}) -> int or ()",
         "Restores the newest checkpoint under root (relative to --out) into freshly built \
-         objects and moves the sampler to its data position; returns the step to continue from, or () if none.",
+         objects and moves the sampler to its data position; returns the step to continue \
+         from, or () if none.",
         "let start = load_checkpoint(\"checkpoints\", #{policy: policy, optimizer: opt});\n\
          if start == () { start = 0; }",
         move |root: &str, opts: Map| -> RResult<Dynamic> {
             let p = parts(&opts, "load_checkpoint")?;
             let root = c.options.out_dir.join(root);
-            let Some(dir) = Checkpoint::latest(&root).map_err(script_err)?
-            else {
+            let Some(dir) = Checkpoint::latest(&root).map_err(script_err)? else {
                 return Ok(Dynamic::UNIT);
             };
             let ckpt = Checkpoint::load(&dir).map_err(script_err)?;
@@ -122,8 +122,13 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             let mut policy = p.policy.0.borrow_mut();
             let mut optimizer = p.optimizer.inner.borrow_mut();
             let mut adversary = p.adversary.as_ref().map(|a| a.0.borrow_mut());
-            ckpt.restore(&dir, &mut policy.model, &mut **optimizer, adversary.as_deref_mut())
-                .map_err(script_err)?;
+            ckpt.restore(
+                &dir,
+                &mut policy.model,
+                &mut **optimizer,
+                adversary.as_deref_mut(),
+            )
+            .map_err(script_err)?;
             if let (Some(sampler), Some(position)) = (&p.sampler, ckpt.position) {
                 sampler.0.borrow_mut().seek(position).map_err(script_err)?;
             }

@@ -8,6 +8,7 @@ pub mod opts;
 pub mod plot;
 pub mod tensor;
 pub mod train;
+pub mod train_loop;
 
 use std::rc::Rc;
 
@@ -22,5 +23,6 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     data::register(api, ctx);
     train::register(api, ctx);
     checkpoint::register(api, ctx);
+    train_loop::register(api, ctx);
     plot::register(api, ctx);
 }
