@@ -107,10 +107,6 @@ pub enum Error {
     #[error("plot: {0}")]
     Plot(String),
 
-    /// A script failed or was stopped (the scripting host's errors carry their position).
-    #[error("script: {0}")]
-    Script(String),
-
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
