@@ -62,8 +62,10 @@ struct Args {
     #[arg(long)]
     python: Option<PathBuf>,
 
-    /// Which cases to run: train, torch, dpo, ganpo (all by default).
-    #[arg(long, value_delimiter = ',', default_value = "train,torch,dpo,ganpo")]
+    /// Which cases to run: train, torch (forward+backward throughput), dpo, ganpo (one step
+    /// each in its own process: peak memory), steps (DPO and GANPO steps alternated in one
+    /// process: a time ratio robust to other load on the machine).
+    #[arg(long, value_delimiter = ',', default_value = "train,torch,dpo,ganpo,steps")]
     cases: Vec<String>,
 
     /// Internal: run one case in this process and print its JSON.
@@ -139,7 +141,8 @@ fn run_case(case: &str, args: &Args) -> Result<Value> {
     match case {
         "train" => train_case(args),
         "dpo" | "ganpo" => step_case(case, args),
-        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo"),
+        "steps" => interleaved_case(args),
+        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo, steps"),
     }
 }
 
@@ -216,6 +219,47 @@ fn step_case(case: &str, args: &Args) -> Result<Value> {
         "rows": rows,
         "tokens": t,
         "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+/// DPO and GANPO steps alternated in one process on the same batch, so that a change in the
+/// machine's load between them affects both alike; reports the mean seconds of each.
+fn interleaved_case(args: &Args) -> Result<Value> {
+    let policy = load(&args.model, true)?.model;
+    let reference = policy.frozen_copy()?;
+    let tokenizer = Tokenizer::from_gguf_file(&args.model)?;
+    let batch = real_batch(&args.data, &tokenizer, args.batch, args.seq)?;
+    let adamw = AdamWConfig {
+        lr: 5e-7,
+        ..Default::default()
+    };
+    let mut optimizer = AdamW::new(policy.vars(), adamw)?;
+    let mut adversary = adversary(policy.config().hidden_size)?;
+
+    let (mut dpo_s, mut ganpo_s) = (0.0, 0.0);
+    for step in 0..=args.iters.max(1) {
+        let inputs = StepInputs {
+            policy: &policy,
+            reference: Some(&reference),
+            batch: &batch,
+            reference_logps: None,
+            step,
+        };
+        let start = Instant::now();
+        dpo_step(&inputs, &mut optimizer, &DpoStepConfig::default())?;
+        let dpo = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        ganpo_step(&inputs, &mut optimizer, &mut adversary, &GanpoStepConfig::default())?;
+        let ganpo = start.elapsed().as_secs_f64();
+        if step > 0 {
+            dpo_s += dpo;
+            ganpo_s += ganpo;
+        }
+    }
+    let iters = args.iters.max(1) as f64;
+    Ok(json!({
+        "dpo_seconds_per_step": dpo_s / iters,
+        "ganpo_seconds_per_step": ganpo_s / iters,
     }))
 }
 
@@ -375,9 +419,14 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         get("torch", "peak_rss_mb"),
     );
     row(
-        "GANPO step seconds (vs DPO step)",
+        "GANPO step seconds (vs DPO step, own processes)",
         get("ganpo", "seconds_per_step"),
         get("dpo", "seconds_per_step"),
+    );
+    row(
+        "GANPO step seconds (vs DPO step, alternated)",
+        get("steps", "ganpo_seconds_per_step"),
+        get("steps", "dpo_seconds_per_step"),
     );
     row(
         "GANPO step peak memory MiB (vs DPO step)",
