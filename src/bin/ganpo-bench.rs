@@ -65,7 +65,11 @@ struct Args {
     /// Which cases to run: train, torch (forward+backward throughput), dpo, ganpo (one step
     /// each in its own process: peak memory), steps (DPO and GANPO steps alternated in one
     /// process: a time ratio robust to other load on the machine).
-    #[arg(long, value_delimiter = ',', default_value = "train,torch,dpo,ganpo,steps")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "train,torch,dpo,ganpo,steps"
+    )]
     cases: Vec<String>,
 
     /// Internal: run one case in this process and print its JSON.
@@ -249,7 +253,12 @@ fn interleaved_case(args: &Args) -> Result<Value> {
         dpo_step(&inputs, &mut optimizer, &DpoStepConfig::default())?;
         let dpo = start.elapsed().as_secs_f64();
         let start = Instant::now();
-        ganpo_step(&inputs, &mut optimizer, &mut adversary, &GanpoStepConfig::default())?;
+        ganpo_step(
+            &inputs,
+            &mut optimizer,
+            &mut adversary,
+            &GanpoStepConfig::default(),
+        )?;
         let ganpo = start.elapsed().as_secs_f64();
         if step > 0 {
             dpo_s += dpo;
