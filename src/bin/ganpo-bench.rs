@@ -23,11 +23,16 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use serde_json::{json, Value};
 
+use ganpo::data::BatchSampler;
 use ganpo::data::{BatchConfig, LoadConfig, PreferenceBatch, PreferenceDataset};
 use ganpo::disc::{Discriminator, TransformerDiscConfig};
 use ganpo::model::{CausalLm, ForwardOptions, LoadOptions};
 use ganpo::objective::{sequence_logps, MovingMeans};
 use ganpo::optim::{AdamW, AdamWConfig, Optimizer};
+use ganpo::script::api::data::{DatasetHandle, SamplerHandle};
+use ganpo::script::api::model::ModelHandle;
+use ganpo::script::api::train::OptimizerHandle;
+use ganpo::script::{Host, HostOptions};
 use ganpo::tokenize::Tokenizer;
 use ganpo::train::{dpo_step, ganpo_step, Adversary, DpoStepConfig, GanpoStepConfig, StepInputs};
 
@@ -146,7 +151,8 @@ fn run_case(case: &str, args: &Args) -> Result<Value> {
         "train" => train_case(args),
         "dpo" | "ganpo" => step_case(case, args),
         "steps" => interleaved_case(args),
-        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo, steps"),
+        "script" => script_case(args),
+        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo, steps, script"),
     }
 }
 
@@ -270,6 +276,122 @@ fn interleaved_case(args: &Args) -> Result<Value> {
         "dpo_seconds_per_step": dpo_s / iters,
         "ganpo_seconds_per_step": ganpo_s / iters,
     }))
+}
+
+/// A rhai-driven DPO loop against the same loop written in Rust, interleaved, on a small random
+/// model; also the host's cost per step with the training step left out of both loops.
+fn script_case(args: &Args) -> Result<Value> {
+    let dir = std::env::temp_dir().join(format!("ganpo-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pairs: Vec<Value> = (0..32)
+        .map(|i| {
+            json!({"prompt": format!("Question number {i}: what is {i} squared?"),
+                "chosen": format!("It is {}, since {i} times {i} is {}.", i * i, i * i),
+                "rejected": format!("No idea, perhaps {} or so.", i + 7)})
+        })
+        .collect();
+    let data = dir.join("pairs.json");
+    std::fs::write(&data, serde_json::to_string(&pairs)?)?;
+    let steps = 20;
+    let options = HostOptions {
+        out_dir: dir.clone(),
+        config: [
+            ("data", data.display().to_string()),
+            ("steps", steps.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        ..Default::default()
+    };
+    let mut host = Host::new(options)?;
+    host.run(SETUP).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let full = host.compile(LOOP).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bare = host
+        .compile(LOOP_WITHOUT_STEP)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run = |host: &mut Host, ast| host.run_ast(ast).map_err(|e| anyhow::anyhow!("{e}"));
+    let _warm_up = run(&mut host, &full)?;
+
+    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let (mut script, mut rust) = (f64::MAX, f64::MAX);
+    let (mut script_bare, mut rust_bare) = (f64::MAX, f64::MAX);
+    for _ in 0..args.iters.max(1) {
+        script = script.min(best(&mut || run(&mut host, &full).map(drop))?);
+        rust = rust.min(best(&mut || rust_loop(&host, steps, true))?);
+        script_bare = script_bare.min(best(&mut || run(&mut host, &bare).map(drop))?);
+        rust_bare = rust_bare.min(best(&mut || rust_loop(&host, steps, false))?);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(json!({
+        "script_seconds_per_step": script / steps as f64,
+        "rust_seconds_per_step": rust / steps as f64,
+        "host_us_per_step": (script_bare - rust_bare).max(0.0) * 1e6 / steps as f64,
+    }))
+}
+
+const SETUP: &str = r#"
+let policy = random_model(#{family: "llama", seed: 1, hidden_size: 64, layers: 4});
+let reference = policy.freeze();
+let pairs = load_preferences(config.data, policy, #{max_length: 96});
+let sampler = pairs.sampler(pairs.split(0.0)[0], #{batch_size: 4});
+let opt = adamw(policy, #{lr: 1e-4});
+"#;
+
+/// The same loop with the step replaced by building its options: what the host adds per step.
+const LOOP_WITHOUT_STEP: &str = r#"
+for step in 0..config.steps {
+    let b = pairs.batch(sampler.next());
+    let m = #{beta: 0.1, step: step};
+}
+"#;
+
+const LOOP: &str = r#"
+for step in 0..config.steps {
+    let b = pairs.batch(sampler.next());
+    let m = dpo_step(policy, reference, b, opt, #{beta: 0.1, step: step});
+}
+"#;
+
+fn rust_loop(host: &Host, steps: usize, train: bool) -> Result<()> {
+    let scope = host.scope();
+    let policy = scope
+        .get_value::<ModelHandle>("policy")
+        .context("policy")
+        .context("policy")?;
+    let reference = scope
+        .get_value::<ModelHandle>("reference")
+        .context("reference")?;
+    let pairs = scope.get_value::<DatasetHandle>("pairs").context("pairs")?;
+    let sampler = scope
+        .get_value::<SamplerHandle>("sampler")
+        .context("sampler")?;
+    let opt = scope.get_value::<OptimizerHandle>("opt").context("opt")?;
+    let cfg = DpoStepConfig::default();
+    let device = candle_core::Device::Cpu;
+
+    for step in 0..steps {
+        let indices = BatchSampler::next_batch(&mut sampler.0.borrow_mut()).1;
+        let batch = pairs.0.batch(&indices, &device)?;
+        if !train {
+            continue;
+        }
+        let policy = policy.0.borrow();
+        let reference = reference.0.borrow();
+        let inputs = StepInputs {
+            policy: &policy.model,
+            reference: Some(&reference.model),
+            batch: &batch,
+            reference_logps: None,
+            step,
+        };
+        dpo_step(&inputs, &mut **opt.inner.borrow_mut(), &cfg)?;
+    }
+    Ok(())
 }
 
 fn adversary(width: usize) -> Result<Adversary> {
@@ -442,6 +564,14 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         get("ganpo", "peak_rss_mb"),
         get("dpo", "peak_rss_mb"),
     );
+    row(
+        "scripted DPO loop seconds/step (vs Rust loop)",
+        get("script", "script_seconds_per_step"),
+        get("script", "rust_seconds_per_step"),
+    );
+    if let Some(us) = get("script", "host_us_per_step") {
+        println!("host cost per step, training step left out: {us:.1} us");
+    }
     if let Some(torch) = results.get("torch") {
         println!(
             "reference: torch {} transformers {}",
