@@ -5,7 +5,9 @@
 //!
 //! `cargo run --release --example bench_model -- [GGUF] [BATCH] [SEQ] [STEPS]`
 //! Prints tokens/s and the peak resident memory (VmHWM). PyTorch 2.9.1 eager on this machine
-//! (2 threads) measured 168 training tokens/s for the same workload (../shared/ASSETS.md).
+//! (2 threads) measured 168 training tokens/s for the same workload (../shared/ASSETS.md);
+//! `examples/bench_model_torch.py` runs that workload (same ids, same loss) for a side-by-side
+//! figure, and both print process CPU time, which is comparable even on a busy machine.
 
 use std::time::Instant;
 
