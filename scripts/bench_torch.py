@@ -5,7 +5,8 @@ memory of a causal LM loaded from a GGUF file, on the same batch shape the Rust 
         --batch 4 --seq 256 --iters 3 --threads 2
 
 Prints one JSON object on stdout: {"torch": version, "transformers": version,
-"train_tokens_per_s": ..., "forward_tokens_per_s": ..., "peak_rss_mb": ...}.
+"train_tokens_per_s": ..., "cpu_seconds_per_step": ..., "forward_tokens_per_s": ...,
+"peak_rss_mb": ...}.
 The loss is the mean next-token cross-entropy over all positions (what the Rust side
 computes), in f32, eager mode.
 """
@@ -45,11 +46,13 @@ def main():
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
 
+    cpu_start = time.process_time()
     train_step()  # warm-up
     start = time.perf_counter()
     for _ in range(args.iters):
         train_step()
     train_s = (time.perf_counter() - start) / args.iters
+    cpu_s = (time.process_time() - cpu_start) / (args.iters + 1)
 
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -66,6 +69,7 @@ def main():
         "batch": args.batch,
         "seq": args.seq,
         "train_tokens_per_s": tokens / train_s,
+        "cpu_seconds_per_step": cpu_s,
         "forward_tokens_per_s": tokens / forward_s,
         "peak_rss_mb": peak_kb / 1024.0,
     }))

@@ -175,10 +175,13 @@ fn train_case(args: &Args) -> Result<Value> {
         loss.backward()?;
         Ok(())
     };
+    let cpu_start = cpu_seconds();
     let seconds = timed(args.iters, step)?;
+    let cpu = (cpu_seconds() - cpu_start) / (args.iters.max(1) + 1) as f64;
     let tokens = (args.batch * args.seq) as f64;
     Ok(json!({
         "train_tokens_per_s": tokens / seconds,
+        "cpu_seconds_per_step": cpu,
         "seconds_per_step": seconds,
         "peak_rss_mb": peak_rss_mb(),
     }))
@@ -459,6 +462,24 @@ fn timed(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
+/// User + system CPU time of this process so far, in seconds (Linux; 0 elsewhere): on a
+/// loaded machine it says what a step costs better than wall time does.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of proc_pid_stat(5): indices 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Peak resident set size of this process, in MiB (Linux `VmHWM`; 0 elsewhere).
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -543,6 +564,11 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         &format!("train tokens/s, f32 {batch} (vs torch)"),
         get("train", "train_tokens_per_s"),
         get("torch", "train_tokens_per_s"),
+    );
+    row(
+        "train CPU seconds per step (vs torch)",
+        get("train", "cpu_seconds_per_step"),
+        get("torch", "cpu_seconds_per_step"),
     );
     row(
         "train peak memory MiB (vs torch)",
