@@ -1,5 +1,6 @@
 //! Registration of every script function, one file per concern of the library.
 
+pub mod eval;
 pub mod host;
 pub mod plot;
 pub mod tensor;
@@ -14,4 +15,5 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     host::register(api, ctx);
     tensor::register(api, ctx);
     plot::register(api, ctx);
+    eval::register(api, ctx);
 }
