@@ -64,7 +64,7 @@ mod tests {
     fn repetition_counts_4grams_seen_before_in_the_same_answer_only() {
         // 1 2 3 4 1 2 3 4: 4-grams 1234 2341 3412 4123 1234 -> one repeat out of 5.
         let looping = vec![1, 2, 3, 4, 1, 2, 3, 4];
-        assert_eq!(repetition_rate(&[looping.clone()], 4), Some(0.2));
+        assert_eq!(repetition_rate(&[looping], 4), Some(0.2));
         // The same 4-gram in two answers is no repeat.
         let twice = vec![vec![1, 2, 3, 4], vec![1, 2, 3, 4]];
         assert_eq!(repetition_rate(&twice, 4), Some(0.0));
