@@ -57,6 +57,9 @@ fn required(opts: &Map, key: &str, function: &str) -> RResult<String> {
 }
 
 /// Loads a frozen model and its tokenizer from a folder, a `.gguf` file or a hub id.
+// TODO: every eval function loads its models from a path on each call, because the script API
+// has no model handle yet; once one exists, accept it too and skip the reload (a 135M GGUF
+// loads in about a second, a 7B model would not).
 fn load_with_tokenizer(ctx: &HostContext, source: &str) -> RResult<(CausalLm, Tokenizer)> {
     let opts = LoadOptions {
         dtype: DType::F32,
