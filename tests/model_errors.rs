@@ -12,7 +12,7 @@ fn saved_tiny(dir: &Path) {
         21,
     )
     .unwrap();
-    model.save(dir).unwrap();
+    model.save(dir, None).unwrap();
 }
 
 fn load(dir: &Path) -> Result<CausalLm, Error> {

@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use ganpo::model::{
     generate::FinishReason, CausalLm, ForwardOptions, GenerateOptions, LoadOptions,
 };
+use ganpo::tokenize::Message;
 use serde_json::Value;
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -48,7 +49,7 @@ macro_rules! model_or_skip {
                 let loaded =
                     CausalLm::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
                 println!("loaded {} in {:.2?}", path.display(), start.elapsed());
-                loaded.model
+                loaded
             }
             None => {
                 println!(
@@ -63,8 +64,8 @@ macro_rules! model_or_skip {
 
 #[test]
 fn smollm2_gguf_config_is_read_from_metadata() {
-    let model = model_or_skip!("smollm2_gguf_config_is_read_from_metadata");
-    let cfg = model.config();
+    let loaded = model_or_skip!("smollm2_gguf_config_is_read_from_metadata");
+    let cfg = loaded.model.config();
     assert_eq!(cfg.num_hidden_layers, 30);
     assert_eq!(cfg.hidden_size, 576);
     assert_eq!(cfg.intermediate_size, 1536);
@@ -76,7 +77,7 @@ fn smollm2_gguf_config_is_read_from_metadata() {
 
 #[test]
 fn smollm2_gguf_logits_match_transformers_gguf_loading() {
-    let model = model_or_skip!("smollm2_gguf_logits_match_transformers_gguf_loading");
+    let model = model_or_skip!("smollm2_gguf_logits_match_transformers_gguf_loading").model;
     let fixture = fixture();
     let ids = ids_of(&fixture["input_ids"]);
     let t = ids.len();
@@ -128,7 +129,7 @@ fn smollm2_gguf_logits_match_transformers_gguf_loading() {
 
 #[test]
 fn smollm2_answers_paris_greedily_like_transformers() {
-    let model = model_or_skip!("smollm2_answers_paris_greedily_like_transformers");
+    let model = model_or_skip!("smollm2_answers_paris_greedily_like_transformers").model;
     let fixture = fixture();
     let prompt = ids_of(&fixture["input_ids"]);
     let opts = GenerateOptions {
@@ -153,7 +154,7 @@ fn smollm2_answers_paris_greedily_like_transformers() {
 
 #[test]
 fn smollm2_batched_greedy_equals_single_prompt_runs() {
-    let model = model_or_skip!("smollm2_batched_greedy_equals_single_prompt_runs");
+    let model = model_or_skip!("smollm2_batched_greedy_equals_single_prompt_runs").model;
     let fixture = fixture();
     let long = ids_of(&fixture["input_ids"]);
     let short = long[..long.len() - 12].to_vec();
@@ -169,4 +170,41 @@ fn smollm2_batched_greedy_equals_single_prompt_runs() {
     let alone_long = model.generate(&[long], &opts, None).unwrap();
     assert_eq!(batched[0].tokens, alone_short[0].tokens);
     assert_eq!(batched[1].tokens, alone_long[0].tokens);
+}
+
+#[test]
+fn smollm2_answers_paris_through_its_own_chat_template() {
+    let loaded = model_or_skip!("smollm2_answers_paris_through_its_own_chat_template");
+    let tokenizer = loaded.tokenizer.expect("the GGUF carries a tokenizer");
+    let fixture = fixture();
+    let messages = [Message {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let prompt = tokenizer.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(prompt, fixture["prompt"].as_str().unwrap());
+    let ids = tokenizer.encode(&prompt, false).unwrap();
+    assert_eq!(ids, ids_of(&fixture["input_ids"]));
+
+    let decode = |ids: &[u32]| tokenizer.decode(ids, true);
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        eos_token_ids: tokenizer.eos_token_id().into_iter().collect(),
+        ..GenerateOptions::default()
+    };
+    let reply = loaded
+        .model
+        .generate(std::slice::from_ref(&ids), &opts, Some(&decode))
+        .unwrap();
+    let text = reply[0].text.clone().unwrap();
+    println!("SmolLM2 replies: {text:?}");
+    assert!(text.contains("Paris"), "{text}");
+
+    let stop = GenerateOptions {
+        stop_strings: vec![" is".into()],
+        ..opts
+    };
+    let cut = loaded.model.generate(&[ids], &stop, Some(&decode)).unwrap();
+    assert_eq!(cut[0].finish, FinishReason::StopString);
+    assert_eq!(cut[0].text.as_deref(), Some("The capital of France"));
 }

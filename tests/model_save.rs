@@ -40,7 +40,7 @@ fn a_saved_model_loads_back_to_identical_logits_in_every_family() {
         let model =
             CausalLm::new_random(ModelConfig::tiny(family), &LoadOptions::default(), 11).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        model.save(dir.path()).unwrap();
+        model.save(dir.path(), None).unwrap();
         assert!(dir.path().join("config.json").is_file());
         assert!(!dir.path().join("model.safetensors.part").exists());
 
@@ -73,7 +73,7 @@ fn saving_merges_lora_adapters_into_the_weights() {
     let adapted = logits(&model);
 
     let dir = tempfile::tempdir().unwrap();
-    model.save(dir.path()).unwrap();
+    model.save(dir.path(), None).unwrap();
     let names =
         candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     assert!(names.keys().all(|n| !n.contains("lora")));
@@ -94,7 +94,7 @@ fn a_bf16_load_keeps_the_asked_dtype() {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    model.save(dir.path()).unwrap();
+    model.save(dir.path(), None).unwrap();
     let opts = LoadOptions {
         dtype: DType::BF16,
         ..LoadOptions::default()

@@ -67,6 +67,11 @@ fn sequence_logps_match_torch_values_and_gradient() {
         .get(logits.as_tensor())
         .expect("logits receive a gradient");
 
+    println!(
+        "logps parity: sum {:.2e}, grad {:.2e}",
+        max_abs_diff(&out.sum, &f["sum"]),
+        max_abs_diff(grad, &f["grad_logits"])
+    );
     assert!(max_abs_diff(&out.sum, &f["sum"]) <= 1e-5);
     assert!(max_abs_diff(&out.count, &f["count"]) == 0.0);
     assert!(max_abs_diff(&out.mean_logit_sum, &f["mean_logit_sum"]) <= 1e-5);
@@ -295,4 +300,21 @@ fn generator_term_before_any_discriminator_update_is_an_error() {
     let err = generator_loss(&MovingMeans::default(), &scores, &scores).unwrap_err();
 
     assert!(err.to_string().contains("c_ref_chosen"));
+}
+
+#[test]
+fn a_token_id_outside_the_vocabulary_is_an_error_not_a_panic() {
+    let device = Device::Cpu;
+    let logits = Tensor::zeros((1, 3, 5), DType::F32, &device).unwrap();
+    let ids = Tensor::new(&[[0u32, 9, 1]], &device).unwrap();
+    let mask = Tensor::new(&[[0f32, 1., 1.]], &device).unwrap();
+
+    let err = sequence_logps(&logits, &ids, &mask)
+        .unwrap_err()
+        .to_string();
+
+    assert!(
+        err.contains("label 9") && err.contains("vocabulary 5"),
+        "{err}"
+    );
 }

@@ -274,3 +274,40 @@ fn plots_from_script_land_under_the_output_folder() {
         assert_eq!(&bytes[1..4], b"PNG", "{f}");
     }
 }
+
+#[test]
+fn metrics_log_is_fresh_per_run_and_a_resume_keeps_lines_up_to_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = host_with(dir.path(), &[]);
+
+    host.run(
+        "let log = metrics_logger(\"m.jsonl\");\n\
+         for s in 0..5 { log.log(s, #{loss: 1.0 / (s + 1)}); }",
+    )
+    .unwrap();
+    let resumed = host
+        .eval(
+            "let again = metrics_logger(\"m.jsonl\", #{resume_step: 2});\n\
+             again.log(3, #{loss: 0.0});\n\
+             again.series(\"loss\")",
+        )
+        .unwrap();
+
+    let text = std::fs::read_to_string(dir.path().join("m.jsonl")).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [0, 1, 2, 3]);
+    assert_eq!(resumed.to_string(), "[1.0, 0.5, 0.3333333333333333, 0.0]");
+    host.run("let fresh = metrics_logger(\"m.jsonl\");")
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("m.jsonl")).unwrap(),
+        ""
+    );
+}

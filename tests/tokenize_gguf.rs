@@ -225,3 +225,21 @@ fn tokenizer_is_cloneable_and_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync + Clone>() {}
     assert_send_sync::<Tokenizer>();
 }
+
+#[test]
+fn byte_level_gguf_uses_the_split_regex_of_its_pre_tokenizer_family() {
+    // tiny_bpe_*.gguf and tiny_bpe_expected.json: make_byte_level_ggufs.py (transformers
+    // 5.25.0); the three files differ only in `tokenizer.ggml.pre`.
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data"));
+    let text = std::fs::read_to_string(dir.join("tiny_bpe_expected.json")).unwrap();
+    let expected: Value = serde_json::from_str(&text).unwrap();
+
+    for (file, cases) in expected["files"].as_object().unwrap() {
+        let tokenizer = Tokenizer::from_gguf_file(&dir.join(file)).unwrap();
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let got = tokenizer.encode(text, false).unwrap();
+            assert_eq!(got, ids(&case["ids"]), "{file}: {text:?}");
+        }
+    }
+}

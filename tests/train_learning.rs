@@ -87,6 +87,15 @@ fn dpo_steps_raise_reward_accuracy_and_margins_on_the_training_pairs() {
     }
 
     let (first, last) = (&history[0], &history[29]);
+    println!(
+        "DPO 30 steps: margins {:.4} -> {:.4}, accuracies {} -> {}, loss {:.4} -> {:.4}",
+        first["rewards/margins"],
+        last["rewards/margins"],
+        first["rewards/accuracies"],
+        last["rewards/accuracies"],
+        first["loss"],
+        last["loss"]
+    );
     assert!(
         first["rewards/margins"].abs() < 1e-6,
         "policy starts equal to the reference"
@@ -174,7 +183,13 @@ fn ganpo_steps_raise_reward_accuracy_and_keep_discriminator_losses_finite() {
         history.push(ganpo_step(&inputs, &mut opt, &mut adv, &cfg).unwrap());
     }
 
-    let last = &history[29];
+    let (first, last) = (&history[0], &history[29]);
+    println!(
+        "GANPO 30 steps: margins {:.4} -> {:.4}, accuracies {} -> {}, disc_loss_pos {:.4} -> {:.4}, disc_loss_neg {:.4} -> {:.4}",
+        first["rewards/margins"], last["rewards/margins"], first["rewards/accuracies"],
+        last["rewards/accuracies"], first["disc_loss_pos"], last["disc_loss_pos"],
+        first["disc_loss_neg"], last["disc_loss_neg"]
+    );
     assert!(last["rewards/margins"] > 0.3, "{last:?}");
     assert_eq!(last["rewards/accuracies"], 1.0);
     for m in &history {
@@ -320,4 +335,89 @@ fn a_non_finite_loss_stops_the_step_naming_the_step_and_the_term() {
         .to_string();
 
     assert!(msg.contains("step 17") && msg.contains("`loss`"), "{msg}");
+}
+
+#[test]
+fn ganpo_with_zero_lambda_updates_the_policy_exactly_like_dpo() {
+    let (policy_a, reference) = tiny_models();
+    let (policy_b, _) = tiny_models();
+    let batch = tiny_batch();
+    let mut opt_a = AdamW::new(policy_a.vars(), AdamWConfig::default()).unwrap();
+    let mut opt_b = AdamW::new(policy_b.vars(), AdamWConfig::default()).unwrap();
+    let mut adv = adversary(policy_b.config().hidden_size, true);
+    let cfg = GanpoStepConfig {
+        lambda: 0.0,
+        ..Default::default()
+    };
+    let at = |step| StepInputs {
+        policy: &policy_a,
+        reference: Some(&reference),
+        batch: &batch,
+        reference_logps: None,
+        step,
+    };
+
+    let dpo = dpo_step(&at(0), &mut opt_a, &cfg.base).unwrap();
+    let inputs = StepInputs {
+        policy: &policy_b,
+        ..at(0)
+    };
+    let ganpo = ganpo_step(&inputs, &mut opt_b, &mut adv, &cfg).unwrap();
+
+    assert!((dpo["grad_norm"] - ganpo["grad_norm"]).abs() < 1e-9);
+    assert!((dpo["loss"] - ganpo["dpo_loss"]).abs() < 1e-9);
+    for ((name, a), (_, b)) in policy_a.vars().iter().zip(policy_b.vars().iter()) {
+        let diff: f32 = a
+            .as_tensor()
+            .sub(b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+}
+
+#[test]
+fn simpo_needs_no_reference_model_and_learns() {
+    let (policy, _) = tiny_models();
+    let batch = tiny_batch();
+    let mut opt = AdamW::new(
+        policy.vars(),
+        AdamWConfig {
+            lr: 5e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let preference = ganpo::objective::PreferenceConfig {
+        kind: ganpo::objective::PreferenceLossKind::SimPo,
+        beta: 2.0,
+        simpo_gamma: 0.5,
+        ..Default::default()
+    };
+    let cfg = DpoStepConfig {
+        preference,
+        ..Default::default()
+    };
+
+    let mut last = BTreeMap::new();
+    for step in 0..20 {
+        let inputs = StepInputs {
+            policy: &policy,
+            reference: None,
+            batch: &batch,
+            reference_logps: None,
+            step,
+        };
+        last = dpo_step(&inputs, &mut opt, &cfg).unwrap();
+    }
+
+    assert_eq!(last["rewards/accuracies"], 1.0, "{last:?}");
+    assert!(last["rewards/margins"] > 0.5, "{last:?}");
 }

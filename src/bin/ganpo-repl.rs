@@ -26,7 +26,7 @@ use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 
 /// The interactive GANPO session.
 #[derive(Parser, Debug)]
-#[command(name = "ganpo-repl", version, about)]
+#[command(name = "ganpo-repl", version)]
 struct Args {
     /// A value for scripts: `config.KEY` and `cfg("KEY", default)` see it (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]

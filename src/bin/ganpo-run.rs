@@ -17,7 +17,7 @@ use ganpo::script::{render_error, Host, HostOptions};
 
 /// Run a GANPO experiment script.
 #[derive(Parser, Debug)]
-#[command(name = "ganpo-run", version, about)]
+#[command(name = "ganpo-run", version)]
 struct Args {
     /// The rhai script to run.
     file: Option<PathBuf>,

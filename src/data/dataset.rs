@@ -4,6 +4,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::encode::{encode_pair, EncodedPair, Limits, Truncation};
 use super::format::{detect, normalize, Columns, Format, RawPair};
 use super::read::{dataset_files, for_each_record, RawRecord};
@@ -136,6 +138,10 @@ impl fmt::Display for LoadReport {
     }
 }
 
+/// Pairs tokenized in parallel at a time: enough to keep every core busy, few enough that
+/// the text of a chunk is never much memory.
+const PARALLEL_CHUNK: usize = 64;
+
 /// Where one pair's ids lie in the flat buffer: `[prompt | chosen | rejected]` from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PairSpan {
@@ -169,9 +175,10 @@ impl PreferenceDataset {
             if config.limit.is_some_and(|l| next_index >= l) {
                 break;
             }
-            next_index += for_each_record(file, next_index, &mut |record| builder.add(record))?;
+            let left = config.limit.map(|l| l - next_index);
+            next_index += for_each_record(file, next_index, left, &mut |r| builder.add(r))?;
         }
-        Ok(builder.finish())
+        builder.finish()
     }
 
     /// Tokenizes pairs already in normal form (built in code or by a script); their indices
@@ -183,9 +190,9 @@ impl PreferenceDataset {
     ) -> Result<Self> {
         let mut builder = Builder::new(tokenizer, config);
         for (index, pair) in pairs.iter().enumerate() {
-            builder.add_pair(index, pair)?;
+            builder.add_pair(index, pair.clone())?;
         }
-        Ok(builder.finish())
+        builder.finish()
     }
 
     /// What loading did.
@@ -214,8 +221,8 @@ impl PreferenceDataset {
     }
 
     /// The index, in the source files, of pair `i`'s record.
-    pub fn record_index(&self, i: usize) -> usize {
-        self.pairs[i].record as usize
+    pub fn record_index(&self, i: usize) -> Option<usize> {
+        self.pairs.get(i).map(|span| span.record as usize)
     }
 
     /// Pair `i` as stored (before truncation).
@@ -236,8 +243,8 @@ impl PreferenceDataset {
         })
     }
 
-    /// The longer of pair `i`'s two rows after truncation, in tokens.
-    pub fn row_length(&self, i: usize) -> usize {
+    /// The longer of pair `i`'s two rows after truncation, in tokens (`i` must be in range).
+    pub(crate) fn row_length(&self, i: usize) -> usize {
         let span = self.pairs[i];
         let row = |completion: u32| {
             let (p, c) = self
@@ -269,6 +276,7 @@ struct Builder<'a> {
     ids: Vec<u32>,
     pairs: Vec<PairSpan>,
     report: LoadReport,
+    pending: Vec<(usize, RawPair)>,
 }
 
 impl<'a> Builder<'a> {
@@ -281,6 +289,7 @@ impl<'a> Builder<'a> {
             ids: Vec::new(),
             pairs: Vec::new(),
             report: LoadReport::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -321,7 +330,7 @@ impl<'a> Builder<'a> {
         self.report.format = Some(format);
 
         match normalize(&value, format, &self.config.columns) {
-            Ok(pair) => self.add_pair(record.index, &pair),
+            Ok(pair) => self.add_pair(record.index, pair),
             Err(bad) => self.invalid(
                 record.index,
                 format!("field `{}`: {}", bad.field, bad.msg),
@@ -335,17 +344,39 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Tokenizes one valid pair and stores it, noting truncation.
-    fn add_pair(&mut self, index: usize, pair: &RawPair) -> Result<()> {
+    /// Queues one valid pair; queued pairs are tokenized in parallel, a chunk at a time.
+    fn add_pair(&mut self, index: usize, pair: RawPair) -> Result<()> {
+        self.pending.push((index, pair));
+        if self.pending.len() >= PARALLEL_CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Tokenizes the queued pairs (on all cores) and stores them in order.
+    fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let encoded: Vec<Result<EncodedPair>> = pending
+            .par_iter()
+            .map(|(_, pair)| encode_pair(pair, self.tokenizer, self.config.text_as_chat))
+            .collect();
+        for ((index, _), pair) in pending.iter().zip(encoded) {
+            self.store(*index, pair?);
+        }
+        Ok(())
+    }
+
+    /// Stores one tokenized pair, noting truncation, or notes that it is dropped.
+    fn store(&mut self, index: usize, pair: EncodedPair) {
         let EncodedPair {
             prompt,
             chosen,
             rejected,
-        } = encode_pair(pair, self.tokenizer, self.config.text_as_chat)?;
+        } = pair;
 
         if self.limits.leaves_no_completion(prompt.len()) {
             self.report.dropped_prompt_too_long.push(index);
-            return Ok(());
+            return;
         }
         if self.limits.truncates(prompt.len(), chosen.len())
             || self.limits.truncates(prompt.len(), rejected.len())
@@ -364,7 +395,6 @@ impl<'a> Builder<'a> {
         self.ids.extend(chosen);
         self.ids.extend(rejected);
         self.pairs.push(span);
-        Ok(())
     }
 
     /// Skips an invalid record (and notes it) or fails, as configured.
@@ -383,7 +413,8 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn finish(mut self) -> PreferenceDataset {
+    fn finish(mut self) -> Result<PreferenceDataset> {
+        self.flush()?;
         self.ids.shrink_to_fit();
         self.report.loaded = self.pairs.len();
         self.report.tokens = self.ids.len();
@@ -395,12 +426,12 @@ impl<'a> Builder<'a> {
             .pad_token_id()
             .or(self.tokenizer.eos_token_id())
             .unwrap_or(0);
-        PreferenceDataset {
+        Ok(PreferenceDataset {
             ids: self.ids,
             pairs: self.pairs,
             limits: self.limits,
             pad_token_id,
             report: self.report,
-        }
+        })
     }
 }

@@ -315,6 +315,7 @@ fn content_text(value: &Value, field: &str) -> std::result::Result<String, Inval
             let mut out = String::new();
             for (i, part) in parts.iter().enumerate() {
                 let kind_of_part = part.get("type").and_then(Value::as_str).unwrap_or("text");
+                // TODO: image and audio parts are rejected: no multimodal model is supported.
                 if kind_of_part != "text" {
                     return Err(invalid(
                         format!("{field}[{i}].type"),

@@ -121,17 +121,19 @@ fn collect_data_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Calls `each` on every record of `path`, numbering records from `first_index`; returns the
-/// number of records read.
+/// Calls `each` on the records of `path` (at most `max_records`, then reading stops),
+/// numbering them from `first_index`; returns the number of records read.
 pub fn for_each_record(
     path: &Path,
     first_index: usize,
+    max_records: Option<usize>,
     each: &mut dyn FnMut(RawRecord) -> Result<()>,
 ) -> Result<usize> {
+    let max = max_records.unwrap_or(usize::MAX);
     match Container::of(path) {
-        Some(Container::JsonArray) => read_json_array(path, first_index, each),
-        Some(Container::JsonLines) => read_json_lines(path, first_index, each),
-        Some(Container::Parquet) => read_parquet(path, first_index, each),
+        Some(Container::JsonArray) => read_json_array(path, first_index, max, each),
+        Some(Container::JsonLines) => read_json_lines(path, first_index, max, each),
+        Some(Container::Parquet) => read_parquet(path, first_index, max, each),
         None => Err(Error::invalid(format!(
             "{}: unknown dataset container; expected .json, .jsonl or .parquet",
             path.display()
@@ -142,24 +144,31 @@ pub fn for_each_record(
 fn read_json_array(
     path: &Path,
     first_index: usize,
+    max: usize,
     each: &mut dyn FnMut(RawRecord) -> Result<()>,
 ) -> Result<usize> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut deserializer = serde_json::Deserializer::from_reader(BufReader::new(file));
     let mut failure = None;
+    let mut stopped_at = None;
     let visitor = EachElement {
         path,
         first_index,
+        max,
         each,
         failure: &mut failure,
+        stopped_at: &mut stopped_at,
     };
 
+    // TODO: a JSON array with non-UTF-8 bytes or a syntax error is fatal even with
+    // `on_invalid = skip`: the parser cannot find the next record after it (JSONL can).
     let outcome = visitor.deserialize(&mut deserializer).and_then(|count| {
         deserializer.end()?;
         Ok(count)
     });
     match (outcome, failure) {
         (_, Some(err)) => Err(err),
+        (Err(_), None) if stopped_at.is_some() => Ok(stopped_at.unwrap_or(max)),
         (Ok(count), None) => Ok(count),
         (Err(e), None) => Err(Error::Parse {
             path: path.to_path_buf(),
@@ -173,8 +182,10 @@ fn read_json_array(
 struct EachElement<'a, 'f> {
     path: &'a Path,
     first_index: usize,
+    max: usize,
     each: &'a mut dyn FnMut(RawRecord) -> Result<()>,
     failure: &'f mut Option<Error>,
+    stopped_at: &'f mut Option<usize>,
 }
 
 impl<'de> DeserializeSeed<'de> for EachElement<'_, '_> {
@@ -197,7 +208,10 @@ impl<'de> Visitor<'de> for EachElement<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<usize, A::Error> {
         let mut count = 0;
-        while let Some(value) = seq.next_element::<Value>()? {
+        while count < self.max {
+            let Some(value) = seq.next_element::<Value>()? else {
+                return Ok(count);
+            };
             let record = RawRecord {
                 path: self.path.to_path_buf(),
                 index: self.first_index + count,
@@ -210,13 +224,15 @@ impl<'de> Visitor<'de> for EachElement<'_, '_> {
             }
             count += 1;
         }
-        Ok(count)
+        *self.stopped_at = Some(count);
+        Err(A::Error::custom("stopped after the record limit"))
     }
 }
 
 fn read_json_lines(
     path: &Path,
     first_index: usize,
+    max: usize,
     each: &mut dyn FnMut(RawRecord) -> Result<()>,
 ) -> Result<usize> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -225,7 +241,7 @@ fn read_json_lines(
     let mut line = 0;
     let mut count = 0;
 
-    loop {
+    while count < max {
         bytes.clear();
         let read = reader
             .read_until(b'\n', &mut bytes)
@@ -260,6 +276,7 @@ fn read_json_lines(
 fn read_parquet(
     path: &Path,
     first_index: usize,
+    max: usize,
     each: &mut dyn FnMut(RawRecord) -> Result<()>,
 ) -> Result<usize> {
     let parse_error = |e: parquet::errors::ParquetError| Error::Parse {
@@ -272,7 +289,7 @@ fn read_parquet(
     let rows = reader.get_row_iter(None).map_err(parse_error)?;
 
     let mut count = 0;
-    for row in rows {
+    for row in rows.take(max) {
         let row = row.map_err(parse_error)?;
         let mut object = serde_json::Map::new();
         let mut problem = None;

@@ -10,6 +10,28 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 
 use crate::{Error, Result};
 
+/// How a forward pass runs: training mode (dropout, power iteration) and whether the
+/// parameters are frozen (used detached, so no gradient reaches them, while gradients still
+/// flow into the input: GANPO's generator term).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pass {
+    /// Dropout on, one power iteration per spectrally normalised layer.
+    pub train: bool,
+    /// Parameters enter the graph detached.
+    pub frozen: bool,
+}
+
+impl Pass {
+    /// The tensor of `var` as this pass uses it.
+    pub fn param(&self, var: &Var) -> Tensor {
+        if self.frozen {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
+        }
+    }
+}
+
 /// `eps` of torch's `spectral_norm` in `normalize`.
 pub const SPECTRAL_EPS: f64 = 1e-12;
 
@@ -122,14 +144,14 @@ impl LayerNorm {
     }
 
     /// Normalises `x` over its last axis.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&var.affine(1.0, self.eps)?.sqrt()?)?;
         Ok(normed
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?)
+            .broadcast_mul(&pass.param(&self.weight))?
+            .broadcast_add(&pass.param(&self.bias))?)
     }
 
     /// Named parameters under `prefix`.
@@ -177,8 +199,8 @@ impl SnLinear {
 
     /// The weight actually applied: `W / σ(W)` with `σ = uᵀ W v` (power-iterated first when
     /// `train`), or `W` for a plain layer.
-    pub fn effective_weight(&self, train: bool) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+    pub fn effective_weight(&self, pass: Pass) -> Result<Tensor> {
+        let w = &pass.param(&self.weight);
         let Some(uv) = &self.uv else {
             return Ok(w.clone());
         };
@@ -186,7 +208,7 @@ impl SnLinear {
             .lock()
             .map_err(|_| Error::invalid("spectral-norm lock poisoned"))?;
 
-        if train {
+        if pass.train {
             let wd = w.detach();
             let v = l2_normalize(
                 &wd.t()?.matmul(&guard.0.unsqueeze(1)?)?.squeeze(1)?,
@@ -203,11 +225,11 @@ impl SnLinear {
     }
 
     /// Applies the layer to the last axis of `x`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         linear(
             x,
-            &self.effective_weight(train)?,
-            Some(self.bias.as_tensor()),
+            &self.effective_weight(pass)?,
+            Some(&pass.param(&self.bias)),
         )
     }
 

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::layers::{dropout, SnLinear};
+use super::layers::{dropout, Pass, SnLinear};
 use super::pool;
 use crate::{Error, Result};
 
@@ -83,6 +83,18 @@ impl MlpDisc {
 
     /// Scores `[N]` for `h` `[N, T, input_dim]`, mean-pooled over `mask` (or all positions).
     pub fn forward(&self, h: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.forward_pass(
+            h,
+            mask,
+            Pass {
+                train,
+                frozen: false,
+            },
+        )
+    }
+
+    /// [`MlpDisc::forward`] with the parameters as given by `pass`.
+    pub fn forward_pass(&self, h: &Tensor, mask: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
         let (n, t, d) = h.dims3()?;
         if d != self.cfg.input_dim {
             return Err(Error::ShapeMismatch {
@@ -91,12 +103,12 @@ impl MlpDisc {
                 got: h.dims().to_vec(),
             });
         }
-        let p = if train { self.cfg.dropout } else { 0.0 };
+        let p = if pass.train { self.cfg.dropout } else { 0.0 };
 
         let mut x = pool(&h.to_dtype(DType::F32)?, mask)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, train)?;
+            x = layer.forward(&x, pass)?;
             if i < last {
                 x = dropout(&x.gelu_erf()?, p, &self.rng)?;
             }

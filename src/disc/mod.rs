@@ -90,6 +90,20 @@ impl Discriminator {
         }
     }
 
+    /// Scores with the discriminator frozen: its parameters enter the graph detached, so a
+    /// backward reaches the input states but none of its weights (GANPO's generator term).
+    /// `train` still enables dropout and the power iteration, as in the reference code.
+    pub fn forward_frozen(&self, h: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let pass = layers::Pass {
+            train,
+            frozen: true,
+        };
+        match self {
+            Self::Transformer(d) => d.forward_pass(h, mask, pass),
+            Self::Mlp(d) => d.forward_pass(h, mask, pass),
+        }
+    }
+
     /// Trainable parameters with torch-style names.
     pub fn vars(&self) -> Vec<(String, Var)> {
         match self {

@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::layers::{dropout, linear, normal, softmax_last, xavier_uniform, LayerNorm, SnLinear};
+use super::layers::{
+    dropout, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass, SnLinear,
+};
 use super::pool;
 use crate::{Error, Result};
 
@@ -62,6 +64,7 @@ struct EncoderLayer {
     linear2_bias: Var,
     norm1: LayerNorm,
     norm2: LayerNorm,
+    dropout: f64,
 }
 
 impl EncoderLayer {
@@ -79,6 +82,7 @@ impl EncoderLayer {
             linear2_bias: zeros(d)?,
             norm1: LayerNorm::new(d, device)?,
             norm2: LayerNorm::new(d, device)?,
+            dropout: cfg.dropout,
         })
     }
 
@@ -86,6 +90,7 @@ impl EncoderLayer {
         &self,
         x: &Tensor,
         heads: usize,
+        pass: Pass,
         p: f64,
         rng: &Mutex<ChaCha8Rng>,
     ) -> Result<Tensor> {
@@ -93,8 +98,8 @@ impl EncoderLayer {
         let dh = d / heads;
         let qkv = linear(
             x,
-            self.in_proj_weight.as_tensor(),
-            Some(self.in_proj_bias.as_tensor()),
+            &pass.param(&self.in_proj_weight),
+            Some(&pass.param(&self.in_proj_bias)),
         )?;
         let split = |i: usize| -> Result<Tensor> {
             Ok(qkv
@@ -113,26 +118,33 @@ impl EncoderLayer {
 
         linear(
             &attended,
-            self.out_proj_weight.as_tensor(),
-            Some(self.out_proj_bias.as_tensor()),
+            &pass.param(&self.out_proj_weight),
+            Some(&pass.param(&self.out_proj_bias)),
         )
     }
 
-    fn forward(&self, x: &Tensor, heads: usize, p: f64, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
-        let attended = self.attention(&self.norm1.forward(x)?, heads, p, rng)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pass: Pass,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let p = if pass.train { self.dropout } else { 0.0 };
+        let attended = self.attention(&self.norm1.forward(x, pass)?, heads, pass, p, rng)?;
         let x = x.add(&dropout(&attended, p, rng)?)?;
 
         let inner = linear(
-            &self.norm2.forward(&x)?,
-            self.linear1_weight.as_tensor(),
-            Some(self.linear1_bias.as_tensor()),
+            &self.norm2.forward(&x, pass)?,
+            &pass.param(&self.linear1_weight),
+            Some(&pass.param(&self.linear1_bias)),
         )?
         .gelu_erf()?;
         let inner = dropout(&inner, p, rng)?;
         let out = linear(
             &inner,
-            self.linear2_weight.as_tensor(),
-            Some(self.linear2_bias.as_tensor()),
+            &pass.param(&self.linear2_weight),
+            Some(&pass.param(&self.linear2_bias)),
         )?;
         Ok(x.add(&dropout(&out, p, rng)?)?)
     }
@@ -225,6 +237,18 @@ impl TransformerDisc {
     /// mean pool (None: all positions, the reference code's behaviour). `train` turns on
     /// dropout and one power iteration per spectrally normalised layer.
     pub fn forward(&self, h: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.forward_pass(
+            h,
+            mask,
+            Pass {
+                train,
+                frozen: false,
+            },
+        )
+    }
+
+    /// [`TransformerDisc::forward`] with the parameters as given by `pass`.
+    pub fn forward_pass(&self, h: &Tensor, mask: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
         let (_n, t, d) = h.dims3()?;
         if d != self.cfg.input_dim {
             return Err(Error::ShapeMismatch {
@@ -239,17 +263,19 @@ impl TransformerDisc {
             Some(m) => Some(m.narrow(1, 0, t)?),
             None => None,
         };
-        let p = if train { self.cfg.dropout } else { 0.0 };
 
-        let pos = self.pos_embedding.as_tensor().narrow(0, 0, t)?;
-        let mut x = self.input_proj.forward(&h, train)?.broadcast_add(&pos)?;
+        let pos = pass.param(&self.pos_embedding).narrow(0, 0, t)?;
+        let mut x = self.input_proj.forward(&h, pass)?.broadcast_add(&pos)?;
+        // TODO: attention always spans every position, padding included, as the reference
+        // code does; the mask restricts only the pool. A key-padding mask for the `tokens` and
+        // `completion` poolings is the natural next option.
         for layer in &self.layers {
-            x = layer.forward(&x, self.cfg.heads, p, &self.rng)?;
+            x = layer.forward(&x, self.cfg.heads, pass, &self.rng)?;
         }
 
         let pooled = pool(&x, mask.as_ref())?;
-        let hidden = self.head_hidden.forward(&pooled, train)?.gelu_erf()?;
-        Ok(self.head_out.forward(&hidden, train)?.squeeze(1)?)
+        let hidden = self.head_hidden.forward(&pooled, pass)?.gelu_erf()?;
+        Ok(self.head_out.forward(&hidden, pass)?.squeeze(1)?)
     }
 
     /// Trainable parameters with torch-style names.

@@ -688,10 +688,19 @@ impl ContextTensors {
 }
 
 fn norm(x: &Tensor, weight: &Tensor, config: &ModelConfig, fused: bool) -> Result<Tensor> {
+    let eps = config.rms_norm_eps;
+    let gemma = config.is_gemma();
     if fused {
-        layers::rms_norm_fused(x, weight, config.rms_norm_eps, config.is_gemma())
+        layers::rms_norm_fused(x, weight, eps, gemma)
+    } else if super::fused::supported(x) && weight.dtype() == DType::F32 {
+        let scale = if gemma {
+            (weight + 1.0)?
+        } else {
+            weight.clone()
+        };
+        Ok(super::fused::rms_norm(x, &scale, eps)?)
     } else {
-        layers::rms_norm(x, weight, config.rms_norm_eps, config.is_gemma())
+        layers::rms_norm(x, weight, eps, gemma)
     }
 }
 
@@ -789,20 +798,19 @@ impl Block {
             (Some(qn), Some(kn)) => (norm(&q, qn, cfg, ctx.fused)?, norm(&k, kn, cfg, ctx.fused)?),
             _ => (q, k),
         };
-        let q = q.transpose(1, 2)?;
-        let k = k.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
-
         let (rotary, bias) = match self.kind {
             AttentionKind::Full => (ctx.rotary_full, ctx.bias_full),
             AttentionKind::Sliding => (ctx.rotary_local, ctx.bias_sliding),
         };
+        let q = rotary.apply_before_transpose(&q)?;
+        let k = rotary.apply_before_transpose(&k)?;
+        let v = v.transpose(1, 2)?;
+
         let scale = match cfg.query_pre_attn_scalar {
             Some(s) => 1.0 / s.sqrt(),
             None => 1.0 / (hd as f64).sqrt(),
         };
-        let q = (rotary.apply(&q)? * scale)?;
-        let k = rotary.apply(&k)?;
+        let q = (q * scale)?;
 
         let (k, v) = match cache {
             Some(cache) => {

@@ -181,6 +181,18 @@ impl RotaryTables {
         Self::new(rope, head_dim, &positions, dtype)
     }
 
+    /// Rotates `x` of shape `[N, T, H, head_dim]` and returns it as `[N, H, T, head_dim]`,
+    /// through the fused CPU kernel when it applies (f32 on the CPU, tables shared by all rows).
+    pub fn apply_before_transpose(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::supported(x) && self.cos.dim(0)? == 1 {
+            let (_, _, t, d) = self.cos.dims4()?;
+            let cos = self.cos.reshape((t, d))?;
+            let sin = self.sin.reshape((t, d))?;
+            return Ok(super::fused::rope(x, &cos, &sin)?.transpose(1, 2)?);
+        }
+        self.apply(&x.transpose(1, 2)?)
+    }
+
     /// Rotates `x` of shape `[N, H, T, head_dim]` (the rotate-half convention of transformers).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let half = x.dim(D::Minus1)? / 2;
@@ -213,7 +225,9 @@ pub fn attention(
     let rep = h / kv;
 
     let q = q.contiguous()?.reshape((n, kv, rep * t, d))?;
-    let mut scores = q.matmul(&k.t()?)?.reshape((n, kv, rep, t, s))?;
+    let mut scores = q
+        .matmul(&k.contiguous()?.t()?)?
+        .reshape((n, kv, rep, t, s))?;
     if let Some(cap) = softcap {
         scores = soft_cap(&scores, cap)?;
     }
@@ -223,6 +237,8 @@ pub fn attention(
     let scores = scores.to_dtype(DType::F32)?;
     let probs = if fused {
         candle_nn::ops::softmax_last_dim(&scores)?
+    } else if super::fused::supported(&scores) {
+        super::fused::softmax_last_dim(&scores)?
     } else {
         softmax_last_dim(&scores)?
     };

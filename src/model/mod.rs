@@ -7,6 +7,7 @@
 
 pub mod config;
 mod decoder;
+pub mod fused;
 pub mod generate;
 pub mod layers;
 pub mod load;
@@ -15,10 +16,11 @@ pub mod save;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::tokenize::Tokenizer;
+
 pub use config::{Family, ModelConfig};
 pub use decoder::{parameter_shapes, CausalLm};
 pub use generate::{GenerateOptions, Generation};
-pub use load::TokenizerSource;
 pub use lora::LoraConfig;
 
 /// How to load a model.
@@ -49,10 +51,9 @@ impl Default for LoadOptions {
 pub struct Loaded {
     /// The model.
     pub model: CausalLm,
-    /// Where the tokenizer can be read from: the model folder or the GGUF file.
-    // TODO: becomes `tokenizer: Option<tokenize::Tokenizer>` (the contract) once the
-    // tokenize module lands in main; until then callers build it from this source.
-    pub tokenizer_source: Option<TokenizerSource>,
+    /// The tokenizer, when the folder has `tokenizer.json` or the GGUF file has tokenizer
+    /// metadata.
+    pub tokenizer: Option<Tokenizer>,
 }
 
 /// Which hidden states a forward pass keeps.

@@ -7,15 +7,15 @@ use candle_core::DType;
 use serde_json::json;
 
 use super::decoder::CausalLm;
+use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
 impl CausalLm {
-    /// Writes `model.safetensors` (HF names, LoRA adapters merged, tied output omitted) and
-    /// `config.json` into `dir`, creating it. Each file is written to a temporary name first
-    /// and renamed, so an interrupted save never leaves a half-written file behind.
-    // TODO: the contract's `save(dir, tokenizer)` also writes the tokenizer files through
-    // `tokenize::Tokenizer::save`; added once the tokenize module lands in main.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Writes `model.safetensors` (HF names, LoRA adapters merged, tied output omitted),
+    /// `config.json` and, when given, the tokenizer files into `dir`, creating it. Weights and
+    /// config are written to a temporary name first and renamed, so an interrupted save never
+    /// leaves a half-written file behind.
+    pub fn save(&self, dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
 
         let tensors: HashMap<String, candle_core::Tensor> = self
@@ -42,6 +42,10 @@ impl CausalLm {
         let partial = part_path(&config_path);
         std::fs::write(&partial, text).map_err(|e| Error::io(&partial, e))?;
         std::fs::rename(&partial, &config_path).map_err(|e| Error::io(&config_path, e))?;
+
+        if let Some(tokenizer) = tokenizer {
+            tokenizer.save(dir)?;
+        }
         Ok(())
     }
 }

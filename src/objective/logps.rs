@@ -81,6 +81,9 @@ pub fn sequence_logps(
     }
 
     let (labels, mask) = shift_left(input_ids, &completion_mask.to_dtype(DType::F32)?)?;
+    // TODO: the fused op has only a CPU kernel; on CUDA the composed ops hold several
+    // [N, T, V] tensors. A CUDA kernel (forward and backward) would bring the GPU path to the
+    // same memory bound.
     let per_position = if logits.device().is_cpu() {
         token_logps_fused(logits, &labels)?
     } else {
@@ -191,13 +194,13 @@ fn read_row(s: &CpuStorage, start: usize, v: usize, out: &mut [f32]) -> candle_c
     Ok(())
 }
 
-/// Log-sum-exp of a row, in f64 accumulation for accuracy.
+/// Log-sum-exp of a row: f32 exponentials, accumulated in f64 for accuracy.
 fn logsumexp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return max;
     }
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
     max + sum.ln() as f32
 }
 

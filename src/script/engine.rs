@@ -166,6 +166,7 @@ impl Host {
         let mut engine = Engine::new();
         engine.set_max_call_levels(options.max_call_depth);
         engine.set_max_operations(options.max_operations);
+        engine.set_max_expr_depths(128, 64);
 
         let interrupt = Arc::new(AtomicBool::new(false));
         let flag = interrupt.clone();

@@ -61,7 +61,9 @@ pub(crate) fn read(content: &Content) -> Result<GgufTokenizer> {
     let json = match model.as_str() {
         "gpt2" => {
             let merges = meta.strings("tokenizer.ggml.merges")?;
-            byte_level_json(&tokens, &merges, &token_types)
+            let pre = meta.optional_string("tokenizer.ggml.pre")?;
+            let split = pre.as_deref().and_then(split_regex);
+            byte_level_json(&tokens, &merges, &token_types, split)
         }
         "llama" => {
             let scores = meta.floats("tokenizer.ggml.scores")?;
@@ -118,9 +120,53 @@ pub(crate) fn byte_to_char() -> [char; 256] {
     table
 }
 
-/// The byte-level BPE of GPT-2-family GGUF files (as transformers builds it: no split regex
-/// beyond ByteLevel's own, no BOS added, control tokens special, user-defined tokens added).
-fn byte_level_json(tokens: &[String], merges: &[String], token_types: &[i64]) -> serde_json::Value {
+/// The text-splitting regex of a `tokenizer.ggml.pre` family, where transformers knows one
+/// (others, like `smollm` or `gpt2`, use ByteLevel's own GPT-2 split).
+fn split_regex(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str = concat!(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    const QWEN2: &str = concat!(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    const QWEN35: &str = concat!(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}",
+        r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    const TEKKEN: &str = concat!(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+        r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    const GPT4O: &str = concat!(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => Some(LLAMA3),
+        "tekken" => Some(TEKKEN),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => Some(QWEN2),
+        "qwen35" => Some(QWEN35),
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => Some(GPT4O),
+        _ => None,
+    }
+}
+
+/// The byte-level BPE of GPT-2-family GGUF files, as transformers builds it: the family's
+/// split regex when it has one, no BOS added, control tokens special, user-defined tokens
+/// added.
+fn byte_level_json(
+    tokens: &[String],
+    merges: &[String],
+    token_types: &[i64],
+    split: Option<&str>,
+) -> serde_json::Value {
     let alphabet = byte_to_char();
     let in_alphabet = |token: &str| token.chars().all(|c| alphabet.contains(&c));
 
@@ -145,15 +191,28 @@ fn byte_level_json(tokens: &[String], merges: &[String], token_types: &[i64]) ->
         }
     }
 
+    let pre_tokenizer = match split {
+        None => json!({
+            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+        }),
+        Some(regex) => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
+                 "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": false}
+            ]
+        }),
+    };
+
     json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {
-            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
-        },
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}],

@@ -287,6 +287,8 @@ impl Tokenizer {
 /// says: no normalizer, a `Metaspace` pre-tokenizer (prepending `▁` always when `legacy`, to
 /// the first piece otherwise, never without `add_prefix_space`) and a matching decoder. The
 /// same is done here so that ids agree (they differ on text that starts with spaces).
+// TODO: transformers 5 rebuilds a few other classes too (e.g. Phi-3-style normalizers); only
+// LlamaTokenizer is mirrored, the one whose ids were seen to differ (Llama 2, leading spaces).
 fn rebuild_llama_pipeline(inner: &mut tokenizers::Tokenizer, config: &serde_json::Value) {
     use tokenizers::decoders::{
         byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip, DecoderWrapper,

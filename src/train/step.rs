@@ -81,6 +81,33 @@ pub struct Adversary {
     pub means: MovingMeans,
 }
 
+impl Adversary {
+    /// Two discriminators with an AdamW optimiser each (GANPO's recipe: the policy's learning
+    /// rate halved) and fresh moving means (momentum 0.9).
+    pub fn new(
+        chosen: Discriminator,
+        rejected: Discriminator,
+        optimizer: crate::optim::AdamWConfig,
+    ) -> Result<Self> {
+        let chosen_optimizer =
+            Box::new(crate::optim::AdamW::new(chosen.vars(), optimizer.clone())?);
+        let rejected_optimizer = Box::new(crate::optim::AdamW::new(rejected.vars(), optimizer)?);
+        Ok(Self {
+            chosen,
+            rejected,
+            chosen_optimizer,
+            rejected_optimizer,
+            means: MovingMeans::default(),
+        })
+    }
+
+    /// Sets both discriminators' learning rate (a schedule calls this before each step).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.chosen_optimizer.set_lr(lr);
+        self.rejected_optimizer.set_lr(lr);
+    }
+}
+
 /// Policy-side inputs shared by both steps.
 pub struct StepInputs<'a> {
     /// The trainable policy.
@@ -263,6 +290,7 @@ pub fn dpo_step(
     optimizer: &mut dyn Optimizer,
     cfg: &DpoStepConfig,
 ) -> Result<BTreeMap<String, f64>> {
+    let _span = tracing::debug_span!("dpo_step", step = inputs.step).entered();
     let (pairs, _) = check_batch(inputs.batch)?;
     let vars = inputs.policy.vars();
     let needs_reference = cfg.preference.kind.needs_reference() && !cfg.preference.reference_free;
@@ -432,6 +460,7 @@ pub fn ganpo_step(
     adversary: &mut Adversary,
     cfg: &GanpoStepConfig,
 ) -> Result<BTreeMap<String, f64>> {
+    let _span = tracing::debug_span!("ganpo_step", step = inputs.step).entered();
     let (pairs, _) = check_batch(inputs.batch)?;
     let vars = inputs.policy.vars();
     let base = &cfg.base;
@@ -501,12 +530,12 @@ pub fn ganpo_step(
             .as_ref()
             .map(|mk| disc_inputs.halves(mk, false))
             .transpose()?;
-        let d_c = adversary.chosen.forward(
+        let d_c = adversary.chosen.forward_frozen(
             &policy_h.narrow(0, 0, m.pairs)?,
             chosen_mask.as_ref(),
             true,
         )?;
-        let d_r = adversary.rejected.forward(
+        let d_r = adversary.rejected.forward_frozen(
             &policy_h.narrow(0, m.pairs, m.pairs)?,
             rejected_mask.as_ref(),
             true,

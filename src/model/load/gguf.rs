@@ -8,8 +8,9 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use super::{finish_tensor, TokenizerSource};
+use super::finish_tensor;
 use crate::model::{CausalLm, Family, LoadOptions, Loaded, ModelConfig};
+use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
 /// Reads a GGUF file's header (metadata and tensor table).
@@ -63,10 +64,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         finish_tensor(tensor, name, path, shape, opts)
     })?;
 
-    Ok(Loaded {
-        model,
-        tokenizer_source: Some(TokenizerSource::Gguf(path.to_path_buf())),
-    })
+    let tokenizer = if content.metadata.contains_key("tokenizer.ggml.model") {
+        Some(Tokenizer::from_gguf(&content)?)
+    } else {
+        None
+    };
+    Ok(Loaded { model, tokenizer })
 }
 
 /// The GGUF tensor name of a Hugging Face parameter name.

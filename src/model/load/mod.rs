@@ -4,25 +4,16 @@ mod gguf;
 mod hub;
 mod safetensors;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Tensor;
 
 use super::{CausalLm, LoadOptions, Loaded};
 use crate::{Error, Result};
 
-pub use gguf::load_gguf;
+pub use gguf::{load_gguf, read_gguf_content};
 pub use hub::resolve_hub_id;
 pub use safetensors::{load_dir, SafetensorsSource};
-
-/// Where a model's tokenizer can be read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenizerSource {
-    /// A folder with `tokenizer.json` (and usually `tokenizer_config.json`).
-    Dir(PathBuf),
-    /// A GGUF file whose metadata carries the vocabulary and chat template.
-    Gguf(PathBuf),
-}
 
 impl CausalLm {
     /// Loads a model from `source`: a folder (config.json + safetensors, single or sharded),

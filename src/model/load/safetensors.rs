@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 
-use super::{finish_tensor, TokenizerSource};
+use super::finish_tensor;
 use crate::model::{CausalLm, LoadOptions, Loaded, ModelConfig};
+use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
 /// Memory-mapped safetensors files with a map from tensor name to the file holding it.
@@ -141,12 +142,10 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         finish_tensor(tensor, name, file, shape, opts)
     })?;
 
-    let tokenizer_source = dir
-        .join("tokenizer.json")
-        .is_file()
-        .then(|| TokenizerSource::Dir(dir.to_path_buf()));
-    Ok(Loaded {
-        model,
-        tokenizer_source,
-    })
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Some(Tokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    Ok(Loaded { model, tokenizer })
 }

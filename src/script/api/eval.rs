@@ -1,19 +1,21 @@
 //! Script functions for evaluation: AlpacaEval answer files, held-out preference accuracy and
 //! robustness to sampling temperature (tables and plots).
 
+use std::cell::Ref;
 use std::path::Path;
 use std::rc::Rc;
 
 use candle_core::DType;
 use rhai::{Array, Dynamic, EvalAltResult, Map};
 
+use super::model::{ModelHandle, ModelState};
 use super::tensor::as_f64;
 use crate::data::{LoadConfig, PreferenceDataset};
 use crate::eval::robustness::tables_text;
 use crate::eval::{
     self, AlpacaConfig, PreferenceEvalConfig, Progress, RobustnessConfig, RobustnessTable, Subset,
 };
-use crate::model::{CausalLm, GenerateOptions, LoadOptions, TokenizerSource};
+use crate::model::{CausalLm, GenerateOptions, LoadOptions};
 use crate::script::engine::{script_err, HostContext};
 use crate::script::registry::Api;
 use crate::tokenize::Tokenizer;
@@ -56,37 +58,66 @@ fn required(opts: &Map, key: &str, function: &str) -> RResult<String> {
     opt_string(opts, key).ok_or_else(|| script_err(format!("{function}: option `{key}` is needed")))
 }
 
-/// Loads a frozen model and its tokenizer from a folder, a `.gguf` file or a hub id.
-// TODO: every eval function loads its models from a path on each call, because the script API
-// has no model handle yet; once one exists, accept it too and skip the reload (a 135M GGUF
-// loads in about a second, a 7B model would not).
-fn load_with_tokenizer(ctx: &HostContext, source: &str) -> RResult<(CausalLm, Tokenizer)> {
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        device: ctx.options.device.clone(),
-        trainable: false,
-    };
-    let loaded = CausalLm::load(source, &opts).map_err(script_err)?;
-    let tokenizer = match &loaded.tokenizer_source {
-        Some(TokenizerSource::Dir(dir)) => Tokenizer::from_dir(dir),
-        Some(TokenizerSource::Gguf(file)) => Tokenizer::from_gguf_file(file),
-        None => {
-            return Err(script_err(format!(
-                "{source}: no tokenizer found next to the model"
-            )));
-        }
-    }
-    .map_err(script_err)?;
-    Ok((loaded.model, tokenizer))
+/// A model argument: a path loaded for this call, or a script's model handle.
+enum ModelArg {
+    /// Loaded from a folder, a `.gguf` file or a hub id, frozen, with its tokenizer if found.
+    Loaded(Box<CausalLm>, Option<Tokenizer>),
+    /// A model the script already holds (`load_model(...)`).
+    Handle(ModelHandle),
 }
 
-fn load_model(ctx: &HostContext, source: &str) -> RResult<CausalLm> {
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        device: ctx.options.device.clone(),
-        trainable: false,
-    };
-    Ok(CausalLm::load(source, &opts).map_err(script_err)?.model)
+impl ModelArg {
+    /// The model under `key` of `opts`: a path string or a model handle; `None` when absent.
+    fn from_opts(ctx: &HostContext, opts: &Map, key: &str) -> RResult<Option<ModelArg>> {
+        let Some(value) = opts.get(key).filter(|v| !v.is_unit()) else {
+            return Ok(None);
+        };
+        if let Some(handle) = value.clone().try_cast::<ModelHandle>() {
+            return Ok(Some(ModelArg::Handle(handle)));
+        }
+        if !value.is_string() {
+            return Err(script_err(format!(
+                "option `{key}` must be a model path or a model, got {}",
+                value.type_name()
+            )));
+        }
+
+        let load = LoadOptions {
+            dtype: DType::F32,
+            device: ctx.options.device.clone(),
+            trainable: false,
+        };
+        let loaded = CausalLm::load(&value.to_string(), &load).map_err(script_err)?;
+        Ok(Some(ModelArg::Loaded(Box::new(loaded.model), loaded.tokenizer)))
+    }
+
+    fn required(ctx: &HostContext, opts: &Map, key: &str, function: &str) -> RResult<ModelArg> {
+        Self::from_opts(ctx, opts, key)?
+            .ok_or_else(|| script_err(format!("{function}: option `{key}` is needed")))
+    }
+
+    /// The model and its tokenizer; a handle stays borrowed through `guard`.
+    fn view<'a>(
+        &'a self,
+        guard: &'a mut Option<Ref<'a, ModelState>>,
+    ) -> (&'a CausalLm, Option<&'a Tokenizer>) {
+        match self {
+            ModelArg::Loaded(model, tokenizer) => (model, tokenizer.as_ref()),
+            ModelArg::Handle(handle) => {
+                let state: &'a Ref<'a, ModelState> = guard.insert(handle.0.borrow());
+                (&state.model, state.tokenizer.as_ref().map(|t| t.0.as_ref()))
+            }
+        }
+    }
+}
+
+fn need_tokenizer<'a>(tokenizer: Option<&'a Tokenizer>, function: &str) -> RResult<&'a Tokenizer> {
+    tokenizer.ok_or_else(|| {
+        script_err(format!(
+            "{function}: the model has no tokenizer; give a model with one, or \
+             m.set_tokenizer(load_tokenizer(path))"
+        ))
+    })
 }
 
 /// Runs `work` with a progress bar on the host's sink.
@@ -135,13 +166,13 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "alpaca_answers",
         "alpaca_answers(opts) -> map",
         "Answers AlpacaEval instructions and writes the alpaca_eval file (resumable); opts: \
-         model, instructions, out, generator, n (0 = all), sample_seed, batch_size, \
+         model (path or model), instructions, out, generator, n (0 = all), sample_seed, batch_size, \
          temperature, top_p, top_k, max_new_tokens, seed, system.",
         "let r = alpaca_answers(#{model: \"assets/m.gguf\", \
          instructions: \"assets/alpaca_eval/outputs.json\",\n    out: \"answers.json\", \
          generator: \"smollm2\", n: 20, max_new_tokens: 256});\nprint(r.generated);",
         move |opts: Map| -> RResult<Dynamic> {
-            let model = required(&opts, "model", "alpaca_answers")?;
+            let model = ModelArg::required(&c, &opts, "model", "alpaca_answers")?;
             let instructions = required(&opts, "instructions", "alpaca_answers")?;
             let out = c
                 .writable(&opt_string(&opts, "out").unwrap_or("alpaca_answers.json".into()))
@@ -171,9 +202,11 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             };
 
             let items = eval::read_alpaca_file(Path::new(&instructions)).map_err(script_err)?;
-            let (model, tokenizer) = load_with_tokenizer(&c, &model)?;
+            let mut guard = None;
+            let (model, tokenizer) = model.view(&mut guard);
+            let tokenizer = need_tokenizer(tokenizer, "alpaca_answers")?;
             let report = with_bar(&c, "alpaca", |progress| {
-                eval::generate_alpaca_answers(&model, &tokenizer, &items, &out, &cfg, progress)
+                eval::generate_alpaca_answers(model, tokenizer, &items, &out, &cfg, progress)
             })
             .map_err(script_err)?;
             to_map(&report)
@@ -185,13 +218,13 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "preference_eval",
         "preference_eval(opts) -> map",
         "Held-out implicit-reward accuracy and margins (DPO with a reference, SimPO) and the \
-         policy's log-prob accuracy; opts: model, reference, data, limit, beta, simpo_beta, \
+         policy's log-prob accuracy; opts: model, reference (paths or models), data, limit, beta, simpo_beta, \
          batch_size. Returns TRL metric names.",
         "let m = preference_eval(#{model: \"out/policy\", reference: \"assets/m.gguf\",\n    \
          data: \"assets/data/dpo_en_demo.json\", limit: 32});\n\
          print(m[\"rewards/accuracies\"]);",
         move |opts: Map| -> RResult<Dynamic> {
-            let model = required(&opts, "model", "preference_eval")?;
+            let policy = ModelArg::required(&c, &opts, "model", "preference_eval")?;
             let data = required(&opts, "data", "preference_eval")?;
             let limit = opt_usize(&opts, "limit", 0)?;
             let cfg = PreferenceEvalConfig {
@@ -201,18 +234,19 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                 limit: (limit > 0).then_some(limit),
             };
 
-            let (policy, tokenizer) = load_with_tokenizer(&c, &model)?;
-            let reference = opt_string(&opts, "reference")
-                .map(|r| load_model(&c, &r))
-                .transpose()?;
+            let reference = ModelArg::from_opts(&c, &opts, "reference")?;
+            let (mut guard, mut ref_guard) = (None, None);
+            let (policy, tokenizer) = policy.view(&mut guard);
+            let tokenizer = need_tokenizer(tokenizer, "preference_eval")?;
+            let reference = reference.as_ref().map(|r| r.view(&mut ref_guard).0);
             let load = LoadConfig {
                 limit: cfg.limit,
                 ..LoadConfig::default()
             };
             let dataset =
-                PreferenceDataset::load(Path::new(&data), &tokenizer, &load).map_err(script_err)?;
+                PreferenceDataset::load(Path::new(&data), tokenizer, &load).map_err(script_err)?;
             let report = with_bar(&c, "preference eval", |progress| {
-                eval::evaluate_preferences(&policy, reference.as_ref(), &dataset, &cfg, progress)
+                eval::evaluate_preferences(policy, reference, &dataset, &cfg, progress)
             })
             .map_err(script_err)?;
             let metrics: Map = report
@@ -230,14 +264,14 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "robustness(opts) -> map",
         "Samples answers at several temperatures and measures length, distinct-1/2, repeated \
          4-grams, EOS rate and mean log-prob under a reference; opts: model, name, reference \
-         (default: the model), prompts (array), temperatures, max_new_tokens, top_p, top_k, \
+         (paths or models; default reference: the model), prompts (array), temperatures, max_new_tokens, top_p, top_k, \
          seed, batch_size, system.",
         "let t = robustness(#{model: \"assets/m.gguf\", name: \"base\", \
          prompts: [\"Name a fruit.\"],\n    temperatures: [0.7, 1.0, 1.5], \
          max_new_tokens: 64});\nprint(robustness_text([t]));",
         move |opts: Map| -> RResult<Dynamic> {
-            let source = required(&opts, "model", "robustness")?;
-            let name = opt_string(&opts, "name").unwrap_or_else(|| source.clone());
+            let model = ModelArg::required(&c, &opts, "model", "robustness")?;
+            let name = opt_string(&opts, "name").unwrap_or_else(|| "model".into());
             let prompts: Vec<String> = match opts.get("prompts") {
                 Some(v) => v
                     .read_lock::<Array>()

@@ -1,9 +1,13 @@
 //! Registration of every script function, one file per concern of the library.
 
+pub mod data;
 pub mod eval;
 pub mod host;
+pub mod model;
+pub mod opts;
 pub mod plot;
 pub mod tensor;
+pub mod train;
 
 use std::rc::Rc;
 
@@ -14,6 +18,9 @@ use super::registry::Api;
 pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     host::register(api, ctx);
     tensor::register(api, ctx);
+    model::register(api, ctx);
+    data::register(api, ctx);
+    train::register(api, ctx);
     plot::register(api, ctx);
     eval::register(api, ctx);
 }

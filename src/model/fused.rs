@@ -1,0 +1,322 @@
+//! CPU kernels with their own backward for the three elementwise-heavy layers (softmax,
+//! RMSNorm, rotary embeddings): one pass each way instead of a chain of candle ops, and only
+//! what the backward needs is kept alive. f32 on the CPU only; callers fall back to composed
+//! ops elsewhere (see [`supported`]).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether the fused kernels can run on `x` (f32 on the CPU).
+pub fn supported(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: only f32 is supported");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Rows per parallel task: enough work to amortise scheduling.
+fn chunk_rows(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
+}
+
+/// Softmax over the last dimension; the backward uses only the output.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "ganpo-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "softmax")?;
+        let width = layout.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; x.len()];
+        let rows = chunk_rows(width) * width;
+        out.par_chunks_mut(rows)
+            .zip(x.par_chunks(rows))
+            .for_each(|(out, x)| {
+                for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|y| *y *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxBackward)?;
+        Ok(Some(grad))
+    }
+}
+
+/// `dx = y * (g - sum(g * y))` row by row.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "ganpo-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "softmax backward")?;
+        let g = f32_slice(s2, l2, "softmax backward")?;
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; y.len()];
+        let rows = chunk_rows(width) * width;
+        out.par_chunks_mut(rows)
+            .zip(y.par_chunks(rows).zip(g.par_chunks(rows)))
+            .for_each(|(out, (y, g))| {
+                for ((dx, y), g) in out
+                    .chunks_mut(width)
+                    .zip(y.chunks(width))
+                    .zip(g.chunks(width))
+                {
+                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension with a one-pass backward (f32, CPU).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// `y = x / rms(x) * w` over the last dimension.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ganpo-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm")?;
+        let w = f32_slice(s2, l2, "rms_norm")?;
+        let width = w.len();
+        let mut out = vec![0f32; x.len()];
+        let rows = chunk_rows(width) * width;
+        let eps = self.eps;
+        out.par_chunks_mut(rows)
+            .zip(x.par_chunks(rows))
+            .for_each(|(out, x)| {
+                for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
+                    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                    let inv_rms = 1.0 / (mean_square + eps).sqrt();
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * inv_rms * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = w.dim(0)?;
+        let rows = x.elem_count() / width.max(1);
+        let both = x.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad_res.contiguous()?,
+            &RmsNormBackward { eps: self.eps },
+        )?;
+        let grad_x = both.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let grad_w = both.narrow(0, rows, 1)?.reshape(width)?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// Gradients of [`RmsNorm`]: rows `0..R` hold `dx`, row `R` holds `dw`.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "ganpo-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm backward")?;
+        let w = f32_slice(s2, l2, "rms_norm backward")?;
+        let g = f32_slice(s3, l3, "rms_norm backward")?;
+        let width = w.len();
+        let rows = x.len() / width.max(1);
+        let mut out = vec![0f32; x.len() + width];
+        let (dx_all, _) = out.split_at_mut(x.len());
+        let chunk = chunk_rows(width) * width;
+        let eps = self.eps;
+
+        let partial_dw: Vec<Vec<f32>> = dx_all
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; width];
+                for ((dx, x), g) in dx
+                    .chunks_mut(width)
+                    .zip(x.chunks(width))
+                    .zip(g.chunks(width))
+                {
+                    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                    let inv_rms = 1.0 / (mean_square + eps).sqrt();
+                    let mut dot = 0f32;
+                    for i in 0..width {
+                        let xhat = x[i] * inv_rms;
+                        dot += g[i] * w[i] * xhat;
+                        dw[i] += g[i] * xhat;
+                    }
+                    let mean_dot = dot / width as f32;
+                    for i in 0..width {
+                        let xhat = x[i] * inv_rms;
+                        dx[i] = inv_rms * (g[i] * w[i] - xhat * mean_dot);
+                    }
+                }
+                dw
+            })
+            .collect();
+
+        let dw = &mut out[x.len()..];
+        for part in partial_dw {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, width))))
+    }
+}
+
+/// RMSNorm `x / rms(x) * w` over the last dimension (f32, CPU), differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// Rotary embedding of `x` `[N, T, H, d]` with tables `[T, d]` (rotate-half convention);
+/// the backward is the same rotation with `-sin`.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "ganpo-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rope")?;
+        let cos = f32_slice(s2, l2, "rope")?;
+        let sin = f32_slice(s3, l3, "rope")?;
+        let dims = l1.dims();
+        let (t, h, d) = (dims[1], dims[2], dims[3]);
+        let half = d / 2;
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut out = vec![0f32; x.len()];
+
+        // One task per (row, position): its H heads share one line of the tables.
+        out.par_chunks_mut(h * d)
+            .zip(x.par_chunks(h * d))
+            .enumerate()
+            .for_each(|(index, (out, x))| {
+                let pos = index % t;
+                let cos = &cos[pos * d..(pos + 1) * d];
+                let sin = &sin[pos * d..(pos + 1) * d];
+                for (y, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+                    for i in 0..half {
+                        let (x1, x2) = (x[i], x[i + half]);
+                        y[i] = x1 * cos[i] - sign * x2 * sin[i];
+                        y[i + half] = x2 * cos[i + half] + sign * x1 * sin[i + half];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope {
+            inverse: !self.inverse,
+        };
+        let grad = grad_res
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(grad), None, None))
+    }
+}
+
+/// Rotates `x` `[N, T, H, d]` (before the head transpose) with `cos`/`sin` `[T, d]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?.detach(),
+        &sin.contiguous()?.detach(),
+        Rope { inverse: false },
+    )
+}

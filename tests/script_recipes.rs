@@ -1,0 +1,198 @@
+//! Every recipe in scripts/ runs to completion on a tiny random model and a tiny preference
+//! file, writing the outputs it promises (what CI runs; the real-model defaults take minutes).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn ganpo_run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("ganpo-run starts");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tiny Llama with the byte-level tokenizer, 12 arithmetic preference pairs, 3 prompts.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let (code, _, err) = ganpo_run(&[
+            "--out",
+            root.to_str().unwrap(),
+            "-e",
+            "random_model(#{family: \"llama\", seed: 3}).save(\"model\")",
+        ]);
+        assert_eq!(code, 0, "{err}");
+
+        let pairs: Vec<serde_json::Value> = (1..=12)
+            .map(|i| {
+                serde_json::json!({
+                    "prompt": format!("What is {i} plus {i}?"),
+                    "chosen": format!("{i} plus {i} is {}.", 2 * i),
+                    "rejected": format!("Maybe {}.", i * i + 1),
+                })
+            })
+            .collect();
+        std::fs::write(
+            root.join("pairs.json"),
+            serde_json::to_string(&pairs).unwrap(),
+        )
+        .unwrap();
+        let prompts: Vec<serde_json::Value> = ["cats", "rain", "tea"]
+            .iter()
+            .map(|w| {
+                serde_json::json!({"instruction": format!("Tell me about {w}."),
+                "output": "", "generator": "example", "dataset": "tiny", "datasplit": "eval"})
+            })
+            .collect();
+        std::fs::write(
+            root.join("prompts.json"),
+            serde_json::to_string(&prompts).unwrap(),
+        )
+        .unwrap();
+        Self { _dir: dir, root }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.root.join(name).display().to_string()
+    }
+
+    /// Runs `scripts/NAME.rhai` with the tiny settings, asserting success; returns its --out.
+    fn run(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let out = self.root.join(format!("run-{name}"));
+        let script = format!("scripts/{name}.rhai");
+        let model = format!("model={}", self.path("model"));
+        let data = format!("data={}", self.path("pairs.json"));
+        let mut args = vec![
+            script.as_str(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &model,
+            "--set",
+            &data,
+            "--set",
+            "max_steps=2",
+            "--set",
+            "max_length=64",
+            "--set",
+            "eval_fraction=0.25",
+        ];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = ganpo_run(&args);
+        assert_eq!(code, 0, "{name} failed:\n{stdout}\n{stderr}");
+        out
+    }
+}
+
+fn assert_files(dir: &Path, names: &[&str]) {
+    for name in names {
+        assert!(
+            dir.join(name).exists(),
+            "{} missing in {}",
+            name,
+            dir.display()
+        );
+    }
+}
+
+fn metric_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn preference_recipes_train_log_plot_and_save_on_a_tiny_model() {
+    let fx = Fixture::new();
+
+    for name in ["dpo", "simpo"] {
+        let out = fx.run(name, &[]);
+
+        assert_files(
+            &out,
+            &["metrics.jsonl", "loss.png", "margins.png", "summary.json"],
+        );
+        assert_files(&out, &["final/model.safetensors", "final/config.json"]);
+        let lines = metric_lines(&out);
+        assert_eq!(lines.len(), 2, "{name}: one line per step");
+        assert!(lines[1]["loss"].as_f64().unwrap().is_finite());
+        assert!(lines[1].get("rewards/margins").is_some());
+    }
+}
+
+#[test]
+fn ganpo_recipes_log_discriminator_metrics_and_script_schedules() {
+    let fx = Fixture::new();
+
+    let plain = fx.run("ganpo", &["--set", "disc=mlp"]);
+    let scheduled = fx.run(
+        "ganpo_schedule",
+        &[
+            "--set",
+            "disc=mlp",
+            "--set",
+            "lambda_warmup=2",
+            "--set",
+            "early_steps=1",
+        ],
+    );
+
+    assert_files(
+        &plain,
+        &["metrics.jsonl", "loss.png", "disc.png", "margins.png"],
+    );
+    assert!(metric_lines(&plain)[0]["disc_loss_pos"].as_f64().is_some());
+    assert_files(&scheduled, &["schedule.png", "disc.png"]);
+    let lines = metric_lines(&scheduled);
+    // lambda(step) = step / 2 for the first two steps; k = 3 at step 0, then 1.
+    assert_eq!(lines[0]["lambda"].as_f64(), Some(0.0));
+    assert_eq!(lines[1]["lambda"].as_f64(), Some(0.5));
+    assert_eq!(lines[0]["disc_steps"].as_i64(), Some(3));
+    assert_eq!(lines[1]["disc_steps"].as_i64(), Some(1));
+}
+
+#[test]
+fn probe_and_generate_recipes_write_their_plots_and_tables() {
+    let fx = Fixture::new();
+
+    let probe = fx.run("probe", &["--set", "pairs=4"]);
+    let prompts = format!("prompts={}", fx.path("prompts.json"));
+    let generate = fx.run(
+        "generate",
+        &[
+            "--set",
+            &prompts,
+            "--set",
+            "n=3",
+            "--set",
+            "max_new_tokens=6",
+        ],
+    );
+
+    assert_files(&probe, &["pca.png", "layer_distance.png", "probe.json"]);
+    let probe_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(probe.join("probe.json")).unwrap()).unwrap();
+    // Policy and reference are the same model here, so every layer's distance is zero.
+    for d in probe_json["layer_distance"].as_array().unwrap() {
+        assert_eq!(d.as_f64(), Some(0.0));
+    }
+    assert_files(&generate, &["answers.json", "stats.json", "lengths.png"]);
+    let answers: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(generate.join("answers.json")).unwrap())
+            .unwrap();
+    assert_eq!(answers.len(), 3 * 4, "3 prompts at 4 temperatures");
+}
