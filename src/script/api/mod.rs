@@ -1,5 +1,6 @@
 //! Registration of every script function, one file per concern of the library.
 
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod host;
@@ -8,6 +9,7 @@ pub mod opts;
 pub mod plot;
 pub mod tensor;
 pub mod train;
+pub mod train_loop;
 
 use std::rc::Rc;
 
@@ -21,6 +23,8 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     model::register(api, ctx);
     data::register(api, ctx);
     train::register(api, ctx);
+    checkpoint::register(api, ctx);
+    train_loop::register(api, ctx);
     plot::register(api, ctx);
     eval::register(api, ctx);
 }

@@ -13,7 +13,7 @@ use super::opts::Opts;
 use super::tensor::{parse_dtype, TensorHandle};
 use crate::model::{
     CausalLm, Family, ForwardOptions, GenerateOptions, HiddenStates, LoadOptions, LoraConfig,
-    ModelConfig, TokenizerSource,
+    ModelConfig,
 };
 use crate::objective::sequence_logps;
 use crate::script::engine::{script_err, HostContext};
@@ -280,18 +280,9 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             trainable: o.bool("trainable", true)?,
         };
         let loaded = CausalLm::load(path, &load_opts).map_err(script_err)?;
-        let tokenizer = match &loaded.tokenizer_source {
-            Some(TokenizerSource::Dir(d)) if d.join("tokenizer.json").exists() => {
-                Some(Tokenizer::from_dir(d).map_err(script_err)?)
-            }
-            Some(TokenizerSource::Gguf(p)) => {
-                Some(Tokenizer::from_gguf_file(p).map_err(script_err)?)
-            }
-            _ => None,
-        };
         Ok(ModelHandle(Rc::new(RefCell::new(ModelState {
             model: loaded.model,
-            tokenizer: tokenizer.map(|t| TokenizerHandle(Rc::new(t))),
+            tokenizer: loaded.tokenizer.map(|t| TokenizerHandle(Rc::new(t))),
         }))))
     };
     let load2 = load.clone();
@@ -555,11 +546,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         move |m: &mut ModelHandle, dir: &str| -> RResult<()> {
             let dir = c.writable(dir).map_err(script_err)?;
             let state = m.0.borrow();
-            state.model.save(&dir).map_err(script_err)?;
-            if let Some(tok) = &state.tokenizer {
-                tok.0.save(&dir).map_err(script_err)?;
-            }
-            Ok(())
+            let tokenizer = state.tokenizer.as_ref().map(|t| &*t.0);
+            state.model.save(&dir, tokenizer).map_err(script_err)
         },
     );
     api.func(

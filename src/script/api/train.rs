@@ -257,7 +257,7 @@ const GANPO_KEYS: [&str; 5] = [
     "disc_max_grad_norm",
 ];
 
-fn script_dpo_step(
+pub(crate) fn script_dpo_step(
     policy: ModelHandle,
     reference: Dynamic,
     b: BatchHandle,
@@ -283,7 +283,7 @@ fn script_dpo_step(
     Ok(metrics_map(metrics))
 }
 
-fn script_ganpo_step(
+pub(crate) fn script_ganpo_step(
     policy: ModelHandle,
     reference: Dynamic,
     b: BatchHandle,
@@ -324,6 +324,26 @@ fn script_ganpo_step(
     let metrics =
         ganpo_step(&inputs, &mut **optimizer, &mut adversary, &cfg).map_err(script_err)?;
     Ok(metrics_map(metrics))
+}
+
+/// Writes one metrics line `{step, elapsed_s, ...metrics}` and extends the kept series.
+pub fn log_record(l: &LoggerHandle, step: i64, metrics: &Map) -> RResult<()> {
+    let mut log = l.0.borrow_mut();
+    let mut record = serde_json::Map::new();
+    record.insert("step".into(), step.into());
+    let elapsed = log.offset + log.started.elapsed().as_secs_f64();
+    record.insert("elapsed_s".into(), elapsed.into());
+    for (k, v) in metrics {
+        let value = serde_json::to_value(v).map_err(script_err)?;
+        if let Some(x) = super::tensor::as_f64(v) {
+            log.series.entry(k.to_string()).or_default().push(x);
+        }
+        record.insert(k.to_string(), value);
+    }
+
+    let line = serde_json::Value::Object(record).to_string();
+    let path = log.path.clone();
+    writeln!(log.file, "{line}").map_err(|e| script_err(format!("{}: {e}", path.display())))
 }
 
 /// Registers optimisers, schedules, discriminators, losses, steps and the metrics log.
@@ -631,23 +651,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "log.log(step, metrics)",
         "Writes one line {step, elapsed_s, ...metrics} and keeps each numeric series.",
         "log.log(step, m);",
-        |l: &mut LoggerHandle, step: i64, metrics: Map| -> RResult<()> {
-            let mut log = l.0.borrow_mut();
-            let mut record = serde_json::Map::new();
-            record.insert("step".into(), step.into());
-            let elapsed = log.offset + log.started.elapsed().as_secs_f64();
-            record.insert("elapsed_s".into(), elapsed.into());
-            for (k, v) in &metrics {
-                let value = serde_json::to_value(v).map_err(script_err)?;
-                if let Some(x) = super::tensor::as_f64(v) {
-                    log.series.entry(k.to_string()).or_default().push(x);
-                }
-                record.insert(k.to_string(), value);
-            }
-            let line = serde_json::Value::Object(record).to_string();
-            let path = log.path.clone();
-            writeln!(log.file, "{line}").map_err(|e| script_err(format!("{}: {e}", path.display())))
-        },
+        |l: &mut LoggerHandle, step: i64, metrics: Map| log_record(l, step, &metrics),
     );
     api.func(
         "series",
