@@ -29,8 +29,7 @@ fn save_tiny_model(dir: &Path) {
         trainable: false,
     };
     let model = CausalLm::new_random(config, &opts, 4).unwrap();
-    model.save(dir).unwrap();
-    tok.save(dir).unwrap();
+    model.save(dir, Some(&tok)).unwrap();
 }
 
 #[test]
@@ -66,7 +65,8 @@ fn a_script_writes_answers_preference_metrics_and_a_robustness_plot() {
         if r.generated != 2 {{ throw "generated " + r.generated; }}
         let p = preference_eval(#{{model: "{m}", reference: "{m}", data: "{d}"}});
         if p["rewards/margins"] != 0.0 {{ throw "margin " + p["rewards/margins"]; }}
-        let t = robustness(#{{model: "{m}", name: "tiny", prompts: ["a", "b"],
+        let handle = load_model("{m}");
+        let t = robustness(#{{model: handle, name: "tiny", prompts: ["a", "b"],
             temperatures: [0.7, 1.5], max_new_tokens: 5}});
         if t.rows.len() != 2 {{ throw "rows"; }}
         let text = robustness_text([t, t]);

@@ -15,7 +15,7 @@ use crate::eval::robustness::tables_text;
 use crate::eval::{
     self, AlpacaConfig, PreferenceEvalConfig, Progress, RobustnessConfig, RobustnessTable, Subset,
 };
-use crate::model::{CausalLm, GenerateOptions, LoadOptions};
+use crate::model::{CausalLm, GenerateOptions, LoadOptions, Loaded};
 use crate::script::engine::{script_err, HostContext};
 use crate::script::registry::Api;
 use crate::tokenize::Tokenizer;
@@ -61,7 +61,7 @@ fn required(opts: &Map, key: &str, function: &str) -> RResult<String> {
 /// A model argument: a path loaded for this call, or a script's model handle.
 enum ModelArg {
     /// Loaded from a folder, a `.gguf` file or a hub id, frozen, with its tokenizer if found.
-    Loaded(Box<CausalLm>, Option<Tokenizer>),
+    Loaded(Box<Loaded>),
     /// A model the script already holds (`load_model(...)`).
     Handle(ModelHandle),
 }
@@ -88,7 +88,7 @@ impl ModelArg {
             trainable: false,
         };
         let loaded = CausalLm::load(&value.to_string(), &load).map_err(script_err)?;
-        Ok(Some(ModelArg::Loaded(Box::new(loaded.model), loaded.tokenizer)))
+        Ok(Some(ModelArg::Loaded(Box::new(loaded))))
     }
 
     fn required(ctx: &HostContext, opts: &Map, key: &str, function: &str) -> RResult<ModelArg> {
@@ -97,14 +97,14 @@ impl ModelArg {
     }
 
     /// The model and its tokenizer; a handle stays borrowed through `guard`.
-    fn view<'a>(
+    fn view<'a: 'g, 'g>(
         &'a self,
-        guard: &'a mut Option<Ref<'a, ModelState>>,
-    ) -> (&'a CausalLm, Option<&'a Tokenizer>) {
+        guard: &'g mut Option<Ref<'a, ModelState>>,
+    ) -> (&'g CausalLm, Option<&'g Tokenizer>) {
         match self {
-            ModelArg::Loaded(model, tokenizer) => (model, tokenizer.as_ref()),
+            ModelArg::Loaded(loaded) => (&loaded.model, loaded.tokenizer.as_ref()),
             ModelArg::Handle(handle) => {
-                let state: &'a Ref<'a, ModelState> = guard.insert(handle.0.borrow());
+                let state: &'g Ref<'a, ModelState> = guard.insert(handle.0.borrow());
                 (&state.model, state.tokenizer.as_ref().map(|t| t.0.as_ref()))
             }
         }
@@ -295,15 +295,13 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                 system: opt_string(&opts, "system"),
             };
 
-            let (model, tokenizer) = load_with_tokenizer(&c, &source)?;
-            let reference = opt_string(&opts, "reference")
-                .map(|r| load_model(&c, &r))
-                .transpose()?;
+            let reference = ModelArg::from_opts(&c, &opts, "reference")?;
+            let (mut guard, mut ref_guard) = (None, None);
+            let (model, tokenizer) = model.view(&mut guard);
+            let tokenizer = need_tokenizer(tokenizer, "robustness")?;
+            let reference = reference.as_ref().map_or(model, |r| r.view(&mut ref_guard).0);
             let table = with_bar(&c, "robustness", |progress| {
-                let reference = reference.as_ref().unwrap_or(&model);
-                eval::run_robustness(
-                    &name, &model, &tokenizer, reference, &prompts, &cfg, progress,
-                )
+                eval::run_robustness(&name, model, tokenizer, reference, &prompts, &cfg, progress)
             })
             .map_err(script_err)?;
             to_map(&table)
