@@ -12,6 +12,7 @@
 //! - [`disc`]: the discriminators of GANPO (transformer and MLP, spectral normalisation).
 //! - [`optim`]: AdamW and SGD with PyTorch's semantics, schedules, clipping, accumulation.
 //! - [`train`]: the fused training steps, checkpoints and the metrics log.
+//! - [`eval`]: AlpacaEval answer files, held-out preference accuracy, robustness to sampling.
 //! - [`plot`]: PNG plots of metrics, histograms and PCA scatters.
 //! - [`script`]: the rhai scripting host used by the `ganpo-run` and `ganpo-repl` binaries.
 //!
@@ -21,6 +22,7 @@
 pub mod data;
 pub mod disc;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod objective;
 pub mod optim;

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod host;
 pub mod model;
 pub mod opts;
@@ -25,4 +26,5 @@ pub fn register_all(api: &mut Api, ctx: &Rc<HostContext>) {
     checkpoint::register(api, ctx);
     train_loop::register(api, ctx);
     plot::register(api, ctx);
+    eval::register(api, ctx);
 }
