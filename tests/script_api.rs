@@ -311,3 +311,35 @@ fn metrics_log_is_fresh_per_run_and_a_resume_keeps_lines_up_to_its_step() {
         ""
     );
 }
+
+#[test]
+fn load_preferences_maps_the_files_own_column_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/data/mapped_columns.jsonl"
+    );
+    let mut host = host_with(dir.path(), &[("data", data)]);
+    let columns = r#"#{prompt: "question", chosen: "response_j", rejected: "response_k"}"#;
+    let code = format!(
+        "let m = random_model(#{{family: \"llama\", seed: 1}}); \
+         load_preferences(config.data, m, #{{columns: {columns}}}).len()"
+    );
+    let lines = std::fs::read_to_string(data).unwrap().lines().count();
+    let loaded = host.eval(&code).unwrap().as_int().unwrap();
+    assert_eq!(loaded, lines as i64);
+
+    let unmapped = host
+        .eval(
+            "let m = random_model(#{family: \"llama\", seed: 1}); load_preferences(config.data, m)",
+        )
+        .unwrap_err();
+    assert!(unmapped.to_string().contains("record 0, field `chosen`"), "{unmapped}");
+    let unknown = host
+        .eval("let m = random_model(#{}); load_preferences(config.data, m, #{columns: #{answer: \"x\"}})")
+        .unwrap_err();
+    assert!(
+        unknown.to_string().contains("unknown column `answer`"),
+        "{unknown}"
+    );
+}

@@ -10,8 +10,8 @@ use super::model::{ModelHandle, TokenizerHandle};
 use super::opts::Opts;
 use super::tensor::TensorHandle;
 use crate::data::{
-    BatchConfig, BatchSampler, Format, LoadConfig, OnInvalid, PreferenceBatch, PreferenceDataset,
-    Truncation,
+    BatchConfig, BatchSampler, Columns, Format, LoadConfig, OnInvalid, PreferenceBatch,
+    PreferenceDataset, Truncation,
 };
 use crate::script::engine::{script_err, HostContext};
 use crate::script::registry::Api;
@@ -61,6 +61,7 @@ fn load_config(opts: &Map) -> RResult<LoadConfig> {
         "split",
         "limit",
         "text_as_chat",
+        "columns",
     ])?;
     let mut cfg = LoadConfig {
         max_length: o.opt_usize("max_length")?,
@@ -83,6 +84,9 @@ fn load_config(opts: &Map) -> RResult<LoadConfig> {
                 .ok_or_else(|| script_err(format!("unknown dataset format `{f}`")))?,
         );
     }
+    if let Some(columns) = opts.get("columns") {
+        cfg.columns = columns_of(columns)?;
+    }
     cfg.on_invalid = match o.string("on_invalid", "error")?.as_str() {
         "error" => OnInvalid::Error,
         "skip" => OnInvalid::Skip,
@@ -93,6 +97,37 @@ fn load_config(opts: &Map) -> RResult<LoadConfig> {
         }
     };
     Ok(cfg)
+}
+
+/// `#{prompt: "question", chosen: "response_j", ...}`: the dataset's own column names.
+fn columns_of(value: &Dynamic) -> RResult<Columns> {
+    let map = value
+        .clone()
+        .try_cast::<Map>()
+        .ok_or_else(|| script_err("load_preferences: `columns` must be a map of names"))?;
+    let mut columns = Columns::default();
+    for (key, name) in map {
+        let name = name.into_string().map_err(|t| {
+            script_err(format!(
+                "load_preferences: columns.{key} must be a string, got {t}"
+            ))
+        })?;
+        let slot = match key.as_str() {
+            "prompt" => &mut columns.prompt,
+            "chosen" => &mut columns.chosen,
+            "rejected" => &mut columns.rejected,
+            "conversations" => &mut columns.conversations,
+            "system" => &mut columns.system,
+            other => {
+                return Err(script_err(format!(
+                    "load_preferences: unknown column `{other}`; \
+                     known: prompt, chosen, rejected, conversations, system"
+                )))
+            }
+        };
+        *slot = name;
+    }
+    Ok(columns)
 }
 
 fn tokenizer_of(value: &Dynamic) -> RResult<TokenizerHandle> {
@@ -128,7 +163,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "load_preferences(path, model_or_tokenizer, opts) -> Dataset",
         "Reads preference pairs (JSON, JSONL, Parquet; TRL, conversational or ShareGPT), \
          chat-formats and tokenizes them; opts: max_length, max_prompt_length, truncation, \
-         format, on_invalid, split, limit.",
+         format, on_invalid, split, limit, text_as_chat, columns (a map renaming prompt, chosen, \
+         rejected, conversations, system to the file's own column names).",
         "let pairs = load_preferences(\"pairs.json\", policy, #{max_length: 512});",
         load,
     );
