@@ -166,8 +166,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "alpaca_answers",
         "alpaca_answers(opts) -> map",
         "Answers AlpacaEval instructions and writes the alpaca_eval file (resumable); opts: \
-         model (path or model), instructions, out, generator, n (0 = all), sample_seed, batch_size, \
-         temperature, top_p, top_k, max_new_tokens, seed, system.",
+         model (path or model), instructions, out, generator, n (0 = all), sample_seed, \
+         batch_size, temperature, top_p, top_k, max_new_tokens, seed, system.",
         "let r = alpaca_answers(#{model: \"assets/m.gguf\", \
          instructions: \"assets/alpaca_eval/outputs.json\",\n    out: \"answers.json\", \
          generator: \"smollm2\", n: 20, max_new_tokens: 256});\nprint(r.generated);",
@@ -218,8 +218,9 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "preference_eval",
         "preference_eval(opts) -> map",
         "Held-out implicit-reward accuracy and margins (DPO with a reference, SimPO) and the \
-         policy's log-prob accuracy; opts: model, reference (paths or models), data, limit, beta, simpo_beta, \
-         batch_size. Returns TRL metric names.",
+         policy's log-prob accuracy; opts: model, reference (paths or \
+         models), data, limit, max_length (tokens a row keeps, default 512, 0 = all), beta, \
+         simpo_beta, batch_size. Returns TRL metric names.",
         "let m = preference_eval(#{model: \"out/policy\", reference: \"assets/m.gguf\",\n    \
          data: \"assets/data/dpo_en_demo.json\", limit: 32});\n\
          print(m[\"rewards/accuracies\"]);",
@@ -239,8 +240,10 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             let (policy, tokenizer) = policy.view(&mut guard);
             let tokenizer = need_tokenizer(tokenizer, "preference_eval")?;
             let reference = reference.as_ref().map(|r| r.view(&mut ref_guard).0);
+            let max_length = opt_usize(&opts, "max_length", 512)?;
             let load = LoadConfig {
                 limit: cfg.limit,
+                max_length: (max_length > 0).then_some(max_length),
                 ..LoadConfig::default()
             };
             let dataset =
@@ -264,8 +267,8 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "robustness(opts) -> map",
         "Samples answers at several temperatures and measures length, distinct-1/2, repeated \
          4-grams, EOS rate and mean log-prob under a reference; opts: model, name, reference \
-         (paths or models; default reference: the model), prompts (array), temperatures, max_new_tokens, top_p, top_k, \
-         seed, batch_size, system.",
+         (paths or models; default reference: the model), prompts (array), temperatures, \
+         max_new_tokens, top_p, top_k, seed, batch_size, system.",
         "let t = robustness(#{model: \"assets/m.gguf\", name: \"base\", \
          prompts: [\"Name a fruit.\"],\n    temperatures: [0.7, 1.0, 1.5], \
          max_new_tokens: 64});\nprint(robustness_text([t]));",
@@ -299,7 +302,9 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             let (mut guard, mut ref_guard) = (None, None);
             let (model, tokenizer) = model.view(&mut guard);
             let tokenizer = need_tokenizer(tokenizer, "robustness")?;
-            let reference = reference.as_ref().map_or(model, |r| r.view(&mut ref_guard).0);
+            let reference = reference
+                .as_ref()
+                .map_or(model, |r| r.view(&mut ref_guard).0);
             let table = with_bar(&c, "robustness", |progress| {
                 eval::run_robustness(&name, model, tokenizer, reference, &prompts, &cfg, progress)
             })
