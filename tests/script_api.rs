@@ -334,7 +334,10 @@ fn load_preferences_maps_the_files_own_column_names() {
             "let m = random_model(#{family: \"llama\", seed: 1}); load_preferences(config.data, m)",
         )
         .unwrap_err();
-    assert!(unmapped.to_string().contains("record 0, field `chosen`"), "{unmapped}");
+    assert!(
+        unmapped.to_string().contains("record 0, field `chosen`"),
+        "{unmapped}"
+    );
     let unknown = host
         .eval("let m = random_model(#{}); load_preferences(config.data, m, #{columns: #{answer: \"x\"}})")
         .unwrap_err();

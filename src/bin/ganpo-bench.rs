@@ -152,7 +152,10 @@ fn run_case(case: &str, args: &Args) -> Result<Value> {
         "dpo" | "ganpo" => step_case(case, args),
         "steps" => interleaved_case(args),
         "script" => script_case(args),
-        other => bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo, steps, script"),
+        "data" => data_case(args),
+        other => {
+            bail!("unknown case `{other}`; cases: train, torch, dpo, ganpo, steps, script, data")
+        }
     }
 }
 
@@ -397,6 +400,24 @@ fn rust_loop(host: &Host, steps: usize, train: bool) -> Result<()> {
     Ok(())
 }
 
+/// Reads, chat-formats and tokenizes every pair of the data file (no length limit), then
+/// batches them all, 4 pairs a batch.
+fn data_case(args: &Args) -> Result<Value> {
+    let tokenizer = Tokenizer::from_gguf_file(&args.model)?;
+    let config = LoadConfig::default();
+    let mut pairs = 0;
+    let seconds = timed(args.iters, || {
+        let dataset = PreferenceDataset::load(&args.data, &tokenizer, &config)?;
+        let indices: Vec<usize> = (0..dataset.len()).collect();
+        for chunk in indices.chunks(4) {
+            dataset.batch(chunk, &Device::Cpu)?;
+        }
+        pairs = dataset.len();
+        Ok(())
+    })?;
+    Ok(json!({ "seconds": seconds, "pairs": pairs }))
+}
+
 fn adversary(width: usize) -> Result<Adversary> {
     let make =
         |seed| Discriminator::transformer(TransformerDiscConfig::new(width), seed, &Device::Cpu);
@@ -595,6 +616,11 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         get("script", "script_seconds_per_step"),
         get("script", "rust_seconds_per_step"),
     );
+    if let (Some(seconds), Some(pairs)) = (get("data", "seconds"), get("data", "pairs")) {
+        println!(
+            "data: {pairs} pairs read, chat-formatted, tokenized and batched in {seconds:.3} s"
+        );
+    }
     if let Some(us) = get("script", "host_us_per_step") {
         println!("host cost per step, training step left out: {us:.1} us");
     }
