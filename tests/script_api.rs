@@ -339,7 +339,10 @@ fn load_preferences_maps_the_files_own_column_names() {
         "{unmapped}"
     );
     let unknown = host
-        .eval("let m = random_model(#{}); load_preferences(config.data, m, #{columns: #{answer: \"x\"}})")
+        .eval(
+            "let m = random_model(#{}); \
+             load_preferences(config.data, m, #{columns: #{answer: \"x\"}})",
+        )
         .unwrap_err();
     assert!(
         unknown.to_string().contains("unknown column `answer`"),

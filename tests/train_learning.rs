@@ -185,10 +185,16 @@ fn ganpo_steps_raise_reward_accuracy_and_keep_discriminator_losses_finite() {
 
     let (first, last) = (&history[0], &history[29]);
     println!(
-        "GANPO 30 steps: margins {:.4} -> {:.4}, accuracies {} -> {}, disc_loss_pos {:.4} -> {:.4}, disc_loss_neg {:.4} -> {:.4}",
-        first["rewards/margins"], last["rewards/margins"], first["rewards/accuracies"],
-        last["rewards/accuracies"], first["disc_loss_pos"], last["disc_loss_pos"],
-        first["disc_loss_neg"], last["disc_loss_neg"]
+        "GANPO 30 steps: margins {:.4} -> {:.4}, accuracies {} -> {}, \
+         disc_loss_pos {:.4} -> {:.4}, disc_loss_neg {:.4} -> {:.4}",
+        first["rewards/margins"],
+        last["rewards/margins"],
+        first["rewards/accuracies"],
+        last["rewards/accuracies"],
+        first["disc_loss_pos"],
+        last["disc_loss_pos"],
+        first["disc_loss_neg"],
+        last["disc_loss_neg"]
     );
     assert!(last["rewards/margins"] > 0.3, "{last:?}");
     assert_eq!(last["rewards/accuracies"], 1.0);
