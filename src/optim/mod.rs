@@ -6,7 +6,7 @@ pub mod clip;
 pub mod schedule;
 pub mod sgd;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{backprop::GradStore, Device, Tensor};
 
@@ -34,6 +34,26 @@ pub trait Optimizer: Send {
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Restores a state written by [`Optimizer::state_tensors`].
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+/// Adds to `frozen` (or removes from it) every name of `names` that starts with `prefix`;
+/// returns how many matched. The body of [`Optimizer::set_frozen`] for every optimiser.
+fn freeze_by_prefix<'a>(
+    frozen: &mut BTreeSet<String>,
+    names: impl Iterator<Item = &'a str>,
+    prefix: &str,
+    freeze: bool,
+) -> usize {
+    let mut matched = 0;
+    for name in names.filter(|n| n.starts_with(prefix)) {
+        matched += 1;
+        if freeze {
+            frozen.insert(name.to_string());
+        } else {
+            frozen.remove(name);
+        }
+    }
+    matched
 }
 
 fn step_tensor(step: usize) -> Result<Tensor> {

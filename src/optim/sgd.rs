@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
-use super::{step_tensor, Optimizer};
+use super::{freeze_by_prefix, step_tensor, Optimizer};
 use crate::{Error, Result};
 
 /// Hyper-parameters of [`Sgd`] (torch's meaning).
@@ -114,16 +114,8 @@ impl Optimizer for Sgd {
     }
 
     fn set_frozen(&mut self, prefix: &str, frozen: bool) -> usize {
-        let mut n = 0;
-        for slot in self.slots.iter().filter(|s| s.name.starts_with(prefix)) {
-            n += 1;
-            if frozen {
-                self.frozen.insert(slot.name.clone());
-            } else {
-                self.frozen.remove(&slot.name);
-            }
-        }
-        n
+        let names = self.slots.iter().map(|s| s.name.as_str());
+        freeze_by_prefix(&mut self.frozen, names, prefix, frozen)
     }
 
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
