@@ -285,3 +285,56 @@ fn train_calls_the_script_schedule_functions_every_step_and_checkpoints() {
     );
     assert_files(&out, &["checkpoints/step-00000003/state.json"]);
 }
+
+#[test]
+fn compare_trains_dpo_and_ganpo_on_the_same_batches_and_tables_both() {
+    let fx = Fixture::new();
+    let instructions = format!("instructions={}", fx.path("prompts.json"));
+
+    let out = fx.run(
+        "compare",
+        &["--set", &instructions, "--set", "answer_tokens=6"],
+    );
+
+    assert_files(
+        &out,
+        &[
+            "compare.png",
+            "disc.png",
+            "robustness.png",
+            "robustness.json",
+            "summary.json",
+            "metrics_dpo.jsonl",
+            "metrics_ganpo.jsonl",
+        ],
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for method in ["dpo", "ganpo"] {
+        let acc = summary["after"][method]["reward_accuracy"]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{method}: {acc}");
+    }
+    assert!(summary["disc_loss_pos"].as_f64().unwrap().is_finite());
+    let tables: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("robustness.json")).unwrap())
+            .unwrap();
+    let models: Vec<&str> = tables
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["dpo", "ganpo"]);
+    // Same batches, and λ's term is the only difference: the first DPO losses agree.
+    let (dpo, ganpo) = (
+        std::fs::read_to_string(out.join("metrics_dpo.jsonl")).unwrap(),
+        std::fs::read_to_string(out.join("metrics_ganpo.jsonl")).unwrap(),
+    );
+    let first = |text: &str, key: &str| -> f64 {
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        line[key].as_f64().unwrap()
+    };
+    assert!((first(&dpo, "loss") - first(&ganpo, "dpo_loss")).abs() < 1e-5);
+}
