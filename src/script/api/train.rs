@@ -268,19 +268,10 @@ pub(crate) fn script_dpo_step(
     o.only(&[&PREFERENCE_KEYS[..], &STEP_KEYS[..]].concat())?;
     let cfg = dpo_config(&o)?;
 
-    let reference = reference_of(&reference)?;
-    let policy = policy.0.borrow();
-    let reference_state = reference.as_ref().map(|r| r.0.borrow());
-    let inputs = StepInputs {
-        policy: &policy.model,
-        reference: reference_state.as_ref().map(|r| &r.model),
-        batch: &b.0,
-        reference_logps: None,
-        step: o.usize("step", 0)?,
-    };
-    let mut optimizer = opt.inner.borrow_mut();
-    let metrics = dpo_step(&inputs, &mut **optimizer, &cfg).map_err(script_err)?;
-    Ok(metrics_map(metrics))
+    with_step_inputs(&policy, &reference, &b, o.usize("step", 0)?, |inputs| {
+        let mut optimizer = opt.inner.borrow_mut();
+        dpo_step(inputs, &mut **optimizer, &cfg).map_err(script_err)
+    })
 }
 
 pub(crate) fn script_ganpo_step(
@@ -309,7 +300,23 @@ pub(crate) fn script_ganpo_step(
         disc_max_grad_norm: (disc_norm > 0.0).then_some(disc_norm),
     };
 
-    let reference = reference_of(&reference)?;
+    with_step_inputs(&policy, &reference, &b, o.usize("step", 0)?, |inputs| {
+        let mut optimizer = opt.inner.borrow_mut();
+        let mut adversary = adv.0.borrow_mut();
+        ganpo_step(inputs, &mut **optimizer, &mut adversary, &cfg).map_err(script_err)
+    })
+}
+
+/// Borrows the policy and the (optional) reference for one fused step and hands `step_fn`
+/// the step's inputs; returns its metrics as a script map.
+fn with_step_inputs(
+    policy: &ModelHandle,
+    reference: &Dynamic,
+    b: &BatchHandle,
+    step: usize,
+    step_fn: impl FnOnce(&StepInputs) -> RResult<BTreeMap<String, f64>>,
+) -> RResult<Map> {
+    let reference = reference_of(reference)?;
     let policy = policy.0.borrow();
     let reference_state = reference.as_ref().map(|r| r.0.borrow());
     let inputs = StepInputs {
@@ -317,13 +324,9 @@ pub(crate) fn script_ganpo_step(
         reference: reference_state.as_ref().map(|r| &r.model),
         batch: &b.0,
         reference_logps: None,
-        step: o.usize("step", 0)?,
+        step,
     };
-    let mut optimizer = opt.inner.borrow_mut();
-    let mut adversary = adv.0.borrow_mut();
-    let metrics =
-        ganpo_step(&inputs, &mut **optimizer, &mut adversary, &cfg).map_err(script_err)?;
-    Ok(metrics_map(metrics))
+    Ok(metrics_map(step_fn(&inputs)?))
 }
 
 /// Writes one metrics line `{step, elapsed_s, ...metrics}` and extends the kept series.
