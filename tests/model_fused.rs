@@ -1,6 +1,6 @@
-//! The fused CPU kernels (softmax, RMSNorm, rotary) agree with the composed candle ops in
-//! value and gradient; the composed ops are the reference (they match transformers, see
-//! model_parity.rs).
+//! The fused CPU kernels (softmax, RMSNorm, rotary, linear, gated activation) agree with the
+//! composed candle ops in value and gradient; the composed ops are the reference (they match
+//! transformers, see model_parity.rs).
 
 use candle_core::{Device, Tensor, Var};
 use ganpo::model::config::{RopeConfig, RopeScaling};
@@ -84,4 +84,59 @@ fn fused_rope_matches_composed_in_value_and_gradient() {
     });
     assert!(max_diff(&y1, &y2) < 1e-6);
     assert!(max_diff(&g1, &g2) < 1e-6);
+}
+
+#[test]
+fn fused_linear_matches_matmul_in_value_and_both_gradients() {
+    let x = Var::from_tensor(&random(&[2, 5, 12], 8.0)).unwrap();
+    let w = Var::from_tensor(&random(&[7, 12], 9.0)).unwrap();
+    let r = random(&[2, 5, 7], 10.0);
+    let run = |fused_path: bool| {
+        let y = if fused_path {
+            fused::linear(x.as_tensor(), w.as_tensor()).unwrap()
+        } else {
+            x.as_tensor()
+                .broadcast_matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap().clone();
+        let gw = grads.get(w.as_tensor()).unwrap().clone();
+        (y, gx, gw)
+    };
+    let (y1, gx1, gw1) = run(true);
+    let (y2, gx2, gw2) = run(false);
+    assert_eq!(y1.dims(), &[2, 5, 7]);
+    assert!(max_diff(&y1, &y2) < 1e-5);
+    assert!(max_diff(&gx1, &gx2) < 1e-5);
+    assert!(max_diff(&gw1, &gw2) < 1e-5);
+    assert!(fused::linear(x.as_tensor(), &random(&[7, 11], 1.0)).is_err());
+}
+
+#[test]
+fn fused_gated_activation_matches_composed_for_silu_and_gelu() {
+    use ganpo::model::config::Activation;
+    for activation in [Activation::Silu, Activation::GeluTanh] {
+        let gate =
+            Var::from_tensor(&((random(&[3, 4, 10], 11.0) - 0.5).unwrap() * 8.0).unwrap()).unwrap();
+        let up = Var::from_tensor(&random(&[3, 4, 10], 12.0)).unwrap();
+        let r = random(&[3, 4, 10], 13.0);
+        let run = |fused_path: bool| {
+            let (g, u) = (gate.as_tensor(), up.as_tensor());
+            let y = if fused_path {
+                fused::gated_activation(g, u, activation).unwrap()
+            } else {
+                (layers::activate(g, activation).unwrap() * u).unwrap()
+            };
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gg = grads.get(g).unwrap().clone();
+            let gu = grads.get(u).unwrap().clone();
+            (y, gg, gu)
+        };
+        let (y1, gg1, gu1) = run(true);
+        let (y2, gg2, gu2) = run(false);
+        assert!(max_diff(&y1, &y2) < 1e-5, "{activation:?} value");
+        assert!(max_diff(&gg1, &gg2) < 1e-5, "{activation:?} gate gradient");
+        assert!(max_diff(&gu1, &gu2) < 1e-5, "{activation:?} up gradient");
+    }
 }

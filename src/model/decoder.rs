@@ -757,9 +757,12 @@ impl Block {
             &self.post_attention_norm
         };
         let h = norm(&x, ffn_norm, cfg, ctx.fused)?;
-        let gate = layers::activate(&self.mlp.gate.forward(&h, ctx.train)?, cfg.activation)?;
+        let gate = self.mlp.gate.forward(&h, ctx.train)?;
         let up = self.mlp.up.forward(&h, ctx.train)?;
-        let ffn = self.mlp.down.forward(&(gate * up)?, ctx.train)?;
+        let ffn = self
+            .mlp
+            .down
+            .forward(&layers::gated(&gate, &up, cfg.activation)?, ctx.train)?;
         let ffn = match &self.post_feedforward_norm {
             Some(w) => norm(&ffn, w, cfg, ctx.fused)?,
             None => ffn,

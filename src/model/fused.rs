@@ -1,10 +1,17 @@
-//! CPU kernels with their own backward for the three elementwise-heavy layers (softmax,
-//! RMSNorm, rotary embeddings): one pass each way instead of a chain of candle ops, and only
-//! what the backward needs is kept alive. f32 on the CPU only; callers fall back to composed
-//! ops elsewhere (see [`supported`]).
+//! CPU kernels with their own backward for the layers a training step spends its time in
+//! outside the matrix products' arithmetic: softmax, RMSNorm, rotary embeddings, dense
+//! projections and the gated activation of the MLP. One graph node each instead of a chain of
+//! candle ops, and only what the backward needs is kept alive. f32 on the CPU only; callers
+//! fall back to composed ops elsewhere (see [`supported`]).
+//!
+//! Fewer nodes is the point: candle's backward gives every node's input a fresh zero tensor
+//! and adds the incoming gradient to it, so each reshape, transpose or elementwise op of a
+//! composed layer costs two full-size passes over memory in the backward.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::config::Activation;
 
 /// Whether the fused kernels can run on `x` (f32 on the CPU).
 pub fn supported(x: &Tensor) -> bool {
@@ -319,4 +326,225 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
         &sin.contiguous()?.detach(),
         Rope { inverse: false },
     )
+}
+
+/// `y = x W^T` for `x` `[.., in]` and `W` `[out, in]`, as one node whose backward is two
+/// matrix products (no reshape or transposed-weight nodes in between).
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "ganpo-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear")?;
+        let w = f32_slice(s2, l2, "linear")?;
+        let (out, features) = l2.shape().dims2()?;
+        if l1.dims().last() != Some(&features) {
+            candle_core::bail!(
+                "linear: input {:?} does not end in the weight's {features} features",
+                l1.dims()
+            );
+        }
+        let rows = x.len() / features.max(1);
+        let mut y = vec![0f32; rows * out];
+        // y [rows, out] = x [rows, features] · Wᵀ, Wᵀ read through W's strides.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                features,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                features as isize,
+                w.as_ptr(),
+                features as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, features) = w.dims2()?;
+        let rows = x.elem_count() / features.max(1);
+        let g = grad_res.contiguous()?.reshape((rows, out))?;
+        let grad_x = g.matmul(&w.detach())?.reshape(x.shape())?;
+        let grad_w = g.t()?.matmul(&x.detach().reshape((rows, features))?)?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `x W^T` for `x` `[.., in]` and `W` `[out, in]` (f32, CPU), differentiable in both.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+/// The gated MLP's `act(gate) * up`, with SiLU or tanh-approximated GELU.
+struct Gated {
+    activation: Activation,
+}
+
+/// `act(x)` and `act'(x)`.
+fn activation_and_slope(activation: Activation, x: f32) -> (f32, f32) {
+    match activation {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            const A: f32 = 0.044_715;
+            let t = (C * (x + A * x * x * x)).tanh();
+            let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x);
+            (0.5 * x * (1.0 + t), slope)
+        }
+    }
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMENT_CHUNK: usize = 16384;
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "ganpo-gated-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gate = f32_slice(s1, l1, "gated activation")?;
+        let up = f32_slice(s2, l2, "gated activation")?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "gated activation: gate {:?} and up {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let activation = self.activation;
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(ELEMENT_CHUNK)
+            .zip(
+                gate.par_chunks(ELEMENT_CHUNK)
+                    .zip(up.par_chunks(ELEMENT_CHUNK)),
+            )
+            .for_each(|(out, (gate, up))| {
+                for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *y = activation_and_slope(activation, g).0 * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let both = gate.apply_op3_no_bwd(
+            up,
+            &grad_res.contiguous()?,
+            &GatedBackward {
+                activation: self.activation,
+            },
+        )?;
+        let grad_gate = both.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let grad_up = both.narrow(0, n, n)?.reshape(up.shape())?;
+        Ok((Some(grad_gate), Some(grad_up)))
+    }
+}
+
+/// Gradients of [`Gated`]: the first half holds `d gate`, the second `d up`.
+struct GatedBackward {
+    activation: Activation,
+}
+
+impl CustomOp3 for GatedBackward {
+    fn name(&self) -> &'static str {
+        "ganpo-gated-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gate = f32_slice(s1, l1, "gated activation backward")?;
+        let up = f32_slice(s2, l2, "gated activation backward")?;
+        let grad = f32_slice(s3, l3, "gated activation backward")?;
+        let n = gate.len();
+        let activation = self.activation;
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(ELEMENT_CHUNK)
+            .zip(d_up.par_chunks_mut(ELEMENT_CHUNK))
+            .zip(gate.par_chunks(ELEMENT_CHUNK))
+            .zip(
+                up.par_chunks(ELEMENT_CHUNK)
+                    .zip(grad.par_chunks(ELEMENT_CHUNK)),
+            )
+            .for_each(|(((d_gate, d_up), gate), (up, grad))| {
+                for i in 0..gate.len() {
+                    let (act, slope) = activation_and_slope(activation, gate[i]);
+                    d_gate[i] = grad[i] * up[i] * slope;
+                    d_up[i] = grad[i] * act;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+/// `act(gate) * up` (f32, CPU), differentiable in both.
+pub fn gated_activation(
+    gate: &Tensor,
+    up: &Tensor,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Gated { activation })
 }

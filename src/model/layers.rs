@@ -21,6 +21,13 @@ pub struct Linear {
 impl Linear {
     /// Applies the projection to `x` of shape `[.., in]`, returning `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::supported(x) && self.weight.dtype() == DType::F32 && x.rank() > 0 {
+            let y = super::fused::linear(x, &self.weight)?;
+            return match &self.bias {
+                Some(bias) => Ok(y.broadcast_add(bias)?),
+                None => Ok(y),
+            };
+        }
         let dims = x.dims();
         let features = dims[dims.len() - 1];
         let rows = x.elem_count() / features.max(1);
@@ -92,6 +99,14 @@ pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
         Activation::Silu => x.silu()?,
         Activation::GeluTanh => x.gelu()?,
     })
+}
+
+/// The gated MLP's `act(gate) * up`, through the fused CPU kernel when it applies.
+pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    if super::fused::supported(gate) && up.dtype() == DType::F32 {
+        return Ok(super::fused::gated_activation(gate, up, activation)?);
+    }
+    Ok((activate(gate, activation)? * up)?)
 }
 
 /// `tanh(x / cap) * cap`: Gemma 2's soft-capping of attention and output logits.

@@ -5,6 +5,7 @@
 //! backward pass. Models load from a folder (config.json + safetensors), a GGUF file, or a
 //! model id in the local Hugging Face cache ([`CausalLm::load`]).
 
+pub mod alloc;
 pub mod config;
 mod decoder;
 pub mod fused;
