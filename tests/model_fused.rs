@@ -1,5 +1,5 @@
-//! The fused CPU kernels (softmax, RMSNorm, rotary, linear, gated activation) agree with the
-//! composed candle ops in value and gradient; the composed ops are the reference (they match
+//! The fused CPU kernels (softmax, RMSNorm, layer norm, rotary, linear, activations) agree with
+//! the composed candle ops in value and gradient; the composed ops are the reference (they match
 //! transformers, see model_parity.rs).
 
 use candle_core::{Device, Tensor, Var};
@@ -139,4 +139,47 @@ fn fused_gated_activation_matches_composed_for_silu_and_gelu() {
         assert!(max_diff(&gg1, &gg2) < 1e-5, "{activation:?} gate gradient");
         assert!(max_diff(&gu1, &gu2) < 1e-5, "{activation:?} up gradient");
     }
+}
+
+#[test]
+fn fused_activation_matches_composed_for_every_activation() {
+    use ganpo::model::config::Activation;
+    for activation in [Activation::Silu, Activation::GeluTanh, Activation::GeluErf] {
+        let x = Var::from_tensor(&((random(&[4, 9], 14.0) - 0.5).unwrap() * 8.0).unwrap()).unwrap();
+        let r = random(&[4, 9], 15.0);
+        let (y1, g1) = value_and_grad(&x, &r, |x| fused::activation(x, activation).unwrap());
+        let (y2, g2) = value_and_grad(&x, &r, |x| layers::activate(x, activation).unwrap());
+        assert!(max_diff(&y1, &y2) < 1e-5, "{activation:?} value");
+        assert!(max_diff(&g1, &g2) < 1e-5, "{activation:?} gradient");
+    }
+}
+
+#[test]
+fn fused_layer_norm_matches_composed_in_value_and_all_gradients() {
+    let x = Var::from_tensor(&((random(&[3, 5, 16], 16.0) * 4.0).unwrap() + 1.0).unwrap()).unwrap();
+    let w = Var::from_tensor(&(random(&[16], 17.0) + 0.5).unwrap()).unwrap();
+    let b = Var::from_tensor(&random(&[16], 18.0)).unwrap();
+    let r = random(&[3, 5, 16], 19.0);
+    let run = |fused_path: bool| {
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = if fused_path {
+            fused::layer_norm(xt, wt, bt, 1e-5).unwrap()
+        } else {
+            let mean = xt.mean_keepdim(2).unwrap();
+            let centered = xt.broadcast_sub(&mean).unwrap();
+            let var = centered.sqr().unwrap().mean_keepdim(2).unwrap();
+            let std = (var + 1e-5).unwrap().sqrt().unwrap();
+            let normed = centered.broadcast_div(&std).unwrap();
+            normed.broadcast_mul(wt).unwrap().broadcast_add(bt).unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        (y, get(&x), get(&w), get(&b))
+    };
+    let (y1, gx1, gw1, gb1) = run(true);
+    let (y2, gx2, gw2, gb2) = run(false);
+    assert!(max_diff(&y1, &y2) < 1e-5);
+    assert!(max_diff(&gx1, &gx2) < 1e-5);
+    assert!(max_diff(&gw1, &gw2) < 1e-5);
+    assert!(max_diff(&gb1, &gb2) < 1e-5);
 }

@@ -8,6 +8,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, StandardNormal};
 
+use crate::model::config::Activation;
+use crate::model::fused;
 use crate::{Error, Result};
 
 /// How a forward pass runs: training mode (dropout, power iteration) and whether the
@@ -76,12 +78,10 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `(x @ wᵀ) + b` over the last axis of an input of any rank.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = match x.dims() {
-        [n, t, d] => x
-            .reshape((n * t, *d))?
-            .matmul(&w.t()?)?
-            .reshape((*n, *t, w.dim(0)?))?,
-        _ => x.matmul(&w.t()?)?,
+    let y = if fused::supported(x) && w.dtype() == DType::F32 {
+        fused::linear(x, w)?
+    } else {
+        composed_linear(x, w)?
     };
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
@@ -89,8 +89,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// Softmax over the last axis by differentiable ops.
+fn composed_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(match x.dims() {
+        [n, t, d] => x
+            .reshape((n * t, *d))?
+            .matmul(&w.t()?)?
+            .reshape((*n, *t, w.dim(0)?))?,
+        _ => x.matmul(&w.t()?)?,
+    })
+}
+
+/// Exact (erf) GELU, torch's default `gelu`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    crate::model::layers::activation(x, Activation::GeluErf)
+}
+
+/// Softmax over the last axis by differentiable ops (one fused node on the CPU in f32).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::supported(x) {
+        return Ok(fused::softmax_last_dim(x)?);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -145,13 +163,15 @@ impl LayerNorm {
 
     /// Normalises `x` over its last axis.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let (w, b) = (pass.param(&self.weight), pass.param(&self.bias));
+        if fused::supported(x) {
+            return Ok(fused::layer_norm(x, &w, &b, self.eps)?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&var.affine(1.0, self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&pass.param(&self.weight))?
-            .broadcast_add(&pass.param(&self.bias))?)
+        Ok(normed.broadcast_mul(&w)?.broadcast_add(&b)?)
     }
 
     /// Named parameters under `prefix`.

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::layers::{dropout, Pass, SnLinear};
+use super::layers::{dropout, gelu, Pass, SnLinear};
 use super::pool;
 use crate::{Error, Result};
 
@@ -110,7 +110,7 @@ impl MlpDisc {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, pass)?;
             if i < last {
-                x = dropout(&x.gelu_erf()?, p, &self.rng)?;
+                x = dropout(&gelu(&x)?, p, &self.rng)?;
             }
         }
         Ok(x.squeeze(1)?)

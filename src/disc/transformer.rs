@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{
-    dropout, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass, SnLinear,
+    dropout, gelu, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass, SnLinear,
 };
 use super::pool;
 use crate::{Error, Result};
@@ -134,12 +134,11 @@ impl EncoderLayer {
         let attended = self.attention(&self.norm1.forward(x, pass)?, heads, pass, p, rng)?;
         let x = x.add(&dropout(&attended, p, rng)?)?;
 
-        let inner = linear(
+        let inner = gelu(&linear(
             &self.norm2.forward(&x, pass)?,
             &pass.param(&self.linear1_weight),
             Some(&pass.param(&self.linear1_bias)),
-        )?
-        .gelu_erf()?;
+        )?)?;
         let inner = dropout(&inner, p, rng)?;
         let out = linear(
             &inner,
@@ -274,7 +273,7 @@ impl TransformerDisc {
         }
 
         let pooled = pool(&x, mask.as_ref())?;
-        let hidden = self.head_hidden.forward(&pooled, pass)?.gelu_erf()?;
+        let hidden = gelu(&self.head_hidden.forward(&pooled, pass)?)?;
         Ok(self.head_out.forward(&hidden, pass)?.squeeze(1)?)
     }
 

@@ -44,6 +44,8 @@ pub enum Activation {
     Silu,
     /// GELU with the tanh approximation (GeGLU), used by Gemma.
     GeluTanh,
+    /// Exact GELU through erf (transformers' and torch's `gelu`); the discriminators use it.
+    GeluErf,
 }
 
 /// How rotary frequencies are rescaled for long contexts.
@@ -237,6 +239,7 @@ impl ModelConfig {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu" if is_gemma => Activation::GeluTanh,
             "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
             other => {
                 return Err(cfg.error(format!("unsupported activation `{other}`")));
             }
@@ -434,6 +437,7 @@ impl ModelConfig {
             "hidden_act": match self.activation {
                 Activation::Silu => "silu",
                 Activation::GeluTanh => "gelu_pytorch_tanh",
+                Activation::GeluErf => "gelu",
             },
             "torch_dtype": "float32",
         });

@@ -431,6 +431,13 @@ fn activation_and_slope(activation: Activation, x: f32) -> (f32, f32) {
             let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x);
             (0.5 * x * (1.0 + t), slope)
         }
+        Activation::GeluErf => {
+            const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+            let cdf =
+                0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+            let density = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
+            (x * cdf, cdf + x * density)
+        }
     }
 }
 
@@ -547,4 +554,243 @@ pub fn gated_activation(
 ) -> candle_core::Result<Tensor> {
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, Gated { activation })
+}
+
+/// `act(x)` elementwise.
+struct Activate {
+    activation: Activation,
+}
+
+impl CustomOp1 for Activate {
+    fn name(&self) -> &'static str {
+        "ganpo-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "activation")?;
+        let activation = self.activation;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ELEMENT_CHUNK)
+            .zip(x.par_chunks(ELEMENT_CHUNK))
+            .for_each(|(out, x)| {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    *y = activation_and_slope(activation, x).0;
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = x.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &ActivateBackward {
+                activation: self.activation,
+            },
+        )?;
+        Ok(Some(grad))
+    }
+}
+
+/// `grad * act'(x)`.
+struct ActivateBackward {
+    activation: Activation,
+}
+
+impl CustomOp2 for ActivateBackward {
+    fn name(&self) -> &'static str {
+        "ganpo-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "activation backward")?;
+        let grad = f32_slice(s2, l2, "activation backward")?;
+        let activation = self.activation;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ELEMENT_CHUNK)
+            .zip(
+                x.par_chunks(ELEMENT_CHUNK)
+                    .zip(grad.par_chunks(ELEMENT_CHUNK)),
+            )
+            .for_each(|(out, (x, grad))| {
+                for ((d, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+                    *d = g * activation_and_slope(activation, x).1;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `act(x)` (f32, CPU), differentiable.
+pub fn activation(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Activate { activation })
+}
+
+/// torch's `LayerNorm` over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row (the biased variance, as torch uses).
+fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let width = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / width;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "ganpo-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm")?;
+        let w = f32_slice(s2, l2, "layer_norm")?;
+        let b = f32_slice(s3, l3, "layer_norm")?;
+        let width = w.len();
+        if b.len() != width || l1.dims().last() != Some(&width) {
+            candle_core::bail!(
+                "layer_norm: input {:?}, weight {:?} and bias {:?} disagree",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let rows = chunk_rows(width) * width;
+        let eps = self.eps;
+        out.par_chunks_mut(rows)
+            .zip(x.par_chunks(rows))
+            .for_each(|(out, x)| {
+                for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
+                    let (mean, rstd) = row_moments(x, eps);
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - mean) * rstd * w + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let width = w.dim(0)?;
+        let rows = x.elem_count() / width.max(1);
+        let all = x.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad_res.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
+        let grad_x = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let grad_w = all.narrow(0, rows, 1)?.reshape(width)?;
+        let grad_b = all.narrow(0, rows + 1, 1)?.reshape(width)?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// Gradients of [`LayerNorm`]: rows `0..R` hold `dx`, row `R` holds `dw`, row `R + 1` `db`.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "ganpo-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm backward")?;
+        let w = f32_slice(s2, l2, "layer_norm backward")?;
+        let g = f32_slice(s3, l3, "layer_norm backward")?;
+        let width = w.len();
+        let rows = x.len() / width.max(1);
+        let mut out = vec![0f32; x.len() + 2 * width];
+        let (dx_all, _) = out.split_at_mut(x.len());
+        let chunk = chunk_rows(width) * width;
+        let eps = self.eps;
+
+        let partial: Vec<Vec<f32>> = dx_all
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(dx, (x, g))| {
+                // dw in the first half, db in the second.
+                let mut dwb = vec![0f32; 2 * width];
+                for ((dx, x), g) in dx
+                    .chunks_mut(width)
+                    .zip(x.chunks(width))
+                    .zip(g.chunks(width))
+                {
+                    let (mean, rstd) = row_moments(x, eps);
+                    let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f32, 0f32);
+                    for i in 0..width {
+                        let xhat = (x[i] - mean) * rstd;
+                        let dxhat = g[i] * w[i];
+                        sum_dxhat += dxhat;
+                        sum_dxhat_xhat += dxhat * xhat;
+                        dwb[i] += g[i] * xhat;
+                        dwb[width + i] += g[i];
+                    }
+                    let (mean_dxhat, mean_dxhat_xhat) =
+                        (sum_dxhat / width as f32, sum_dxhat_xhat / width as f32);
+                    for i in 0..width {
+                        let xhat = (x[i] - mean) * rstd;
+                        dx[i] = rstd * (g[i] * w[i] - mean_dxhat - xhat * mean_dxhat_xhat);
+                    }
+                }
+                dwb
+            })
+            .collect();
+
+        let dwb = &mut out[x.len()..];
+        for part in partial {
+            dwb.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, width))))
+    }
+}
+
+/// torch's `LayerNorm` over the last dimension (f32, CPU), differentiable in all three.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
 }

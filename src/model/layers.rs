@@ -93,12 +93,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(exp.broadcast_div(&sum)?)
 }
 
-/// The gated MLP nonlinearity applied to the gate projection.
+/// The gated MLP nonlinearity applied to the gate projection, by composed candle ops.
 pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     Ok(match activation {
         Activation::Silu => x.silu()?,
         Activation::GeluTanh => x.gelu()?,
+        Activation::GeluErf => x.gelu_erf()?,
     })
+}
+
+/// `act(x)`, through the fused CPU kernel when it applies.
+pub fn activation(x: &Tensor, activation: Activation) -> Result<Tensor> {
+    if super::fused::supported(x) {
+        return Ok(super::fused::activation(x, activation)?);
+    }
+    activate(x, activation)
 }
 
 /// The gated MLP's `act(gate) * up`, through the fused CPU kernel when it applies.
