@@ -183,3 +183,79 @@ fn fused_layer_norm_matches_composed_in_value_and_all_gradients() {
     assert!(max_diff(&gw1, &gw2) < 1e-5);
     assert!(max_diff(&gb1, &gb2) < 1e-5);
 }
+
+#[test]
+fn fused_softmax_with_bias_matches_composed_and_gives_the_bias_no_gradient() {
+    let x = Var::from_tensor(&(random(&[2, 3, 4, 5], 20.0) * 6.0).unwrap()).unwrap();
+    let flat: Vec<f32> = random(&[2 * 4 * 5], 21.0)
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| if v < 0.3 { -1e30 } else { v })
+        .collect();
+    let bias = Tensor::from_vec(flat, (2, 1, 4, 5), &Device::Cpu).unwrap();
+    let r = random(&[2, 3, 4, 5], 22.0);
+    let (y1, g1) = value_and_grad(&x, &r, |x| fused::softmax_with_bias(x, &bias).unwrap());
+    let (y2, g2) = value_and_grad(&x, &r, |x| {
+        layers::softmax_last_dim(&x.broadcast_add(&bias).unwrap()).unwrap()
+    });
+    assert!(max_diff(&y1, &y2) < 1e-6);
+    assert!(max_diff(&g1, &g2) < 1e-6);
+    assert!(fused::softmax_with_bias(x.as_tensor(), &random(&[2, 1, 3, 5], 1.0)).is_err());
+}
+
+#[test]
+fn fused_dropout_keeps_about_one_minus_p_scales_and_passes_gradient_through_its_mask() {
+    let x = Var::from_tensor(&(random(&[64, 1000], 23.0) + 1.0).unwrap()).unwrap();
+    let r = random(&[64, 1000], 24.0);
+    let (y, g) = value_and_grad(&x, &r, |x| fused::dropout(x, 0.25, 7).unwrap());
+    let (y_again, _) = value_and_grad(&x, &r, |x| fused::dropout(x, 0.25, 7).unwrap());
+    let (y_other, _) = value_and_grad(&x, &r, |x| fused::dropout(x, 0.25, 8).unwrap());
+    assert_eq!(max_diff(&y, &y_again), 0.0, "same seed, same mask");
+    assert!(max_diff(&y, &y_other) > 0.0, "another seed, another mask");
+
+    let xs = x
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let ys = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gs = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let rs = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let kept = ys.iter().filter(|&&v| v != 0.0).count() as f64 / ys.len() as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
+    for i in 0..xs.len() {
+        let expected = if ys[i] != 0.0 { rs[i] / 0.75 } else { 0.0 };
+        assert!((gs[i] - expected).abs() < 1e-5, "gradient at {i}");
+        if ys[i] != 0.0 {
+            assert!((ys[i] - xs[i] / 0.75).abs() < 1e-5, "scaling at {i}");
+        }
+    }
+}
+
+#[test]
+fn fused_linear_with_bias_matches_composed_in_value_and_all_gradients() {
+    let x = Var::from_tensor(&random(&[3, 4, 6], 25.0)).unwrap();
+    let w = Var::from_tensor(&random(&[5, 6], 26.0)).unwrap();
+    let b = Var::from_tensor(&random(&[5], 27.0)).unwrap();
+    let r = random(&[3, 4, 5], 28.0);
+    let run = |fused_path: bool| {
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = if fused_path {
+            fused::linear_bias(xt, wt, bt).unwrap()
+        } else {
+            let y = xt.broadcast_matmul(&wt.t().unwrap()).unwrap();
+            y.broadcast_add(bt).unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        (y, get(&x), get(&w), get(&b))
+    };
+    let (y1, gx1, gw1, gb1) = run(true);
+    let (y2, gx2, gw2, gb2) = run(false);
+    assert!(max_diff(&y1, &y2) < 1e-5);
+    assert!(max_diff(&gx1, &gx2) < 1e-5);
+    assert!(max_diff(&gw1, &gw2) < 1e-5);
+    assert!(max_diff(&gb1, &gb2) < 1e-5);
+}

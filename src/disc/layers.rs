@@ -78,11 +78,13 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `(x @ wᵀ) + b` over the last axis of an input of any rank.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = if fused::supported(x) && w.dtype() == DType::F32 {
-        fused::linear(x, w)?
-    } else {
-        composed_linear(x, w)?
-    };
+    if fused::supported(x) && w.dtype() == DType::F32 {
+        return Ok(match b {
+            Some(b) => fused::linear_bias(x, w, b)?,
+            None => fused::linear(x, w)?,
+        });
+    }
+    let y = composed_linear(x, w)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -115,10 +117,18 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Inverted dropout with probability `p`, drawing its mask from `rng` (deterministic given the
-/// generator's state, which checkpoints save).
+/// generator's state, which checkpoints save). On the CPU in f32 the mask is drawn in
+/// parallel from one seed taken from `rng`, and kept inside the graph node as bytes.
 pub fn dropout(x: &Tensor, p: f64, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
+    }
+    if fused::supported(x) {
+        let seed = rng
+            .lock()
+            .map_err(|_| Error::invalid("dropout RNG lock poisoned"))?
+            .random::<u64>();
+        return Ok(fused::dropout(x, p, seed)?);
     }
     let n = x.elem_count();
     let keep = 1.0 - p;

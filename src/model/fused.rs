@@ -58,14 +58,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(rows))
             .for_each(|(out, x)| {
                 for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
-                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - max).exp();
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|y| *y *= inv);
+                    y.copy_from_slice(x);
+                    softmax_in_place(y);
                 }
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
@@ -123,6 +117,81 @@ impl CustomOp2 for SoftmaxBackward {
 /// Softmax over the last dimension with a one-pass backward (f32, CPU).
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
+}
+
+/// Replaces one row by its softmax.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for y in row.iter_mut() {
+        *y = (*y - max).exp();
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|y| *y *= inv);
+}
+
+/// `softmax(x + bias)` over the last dimension, with `x` `[N, .., T, S]` and one bias row per
+/// (batch row, query position): `bias` `[N, 1, T, S]`, shared by every head. The bias is a
+/// constant (an attention mask): no gradient is formed for it.
+struct SoftmaxBias;
+
+impl CustomOp2 for SoftmaxBias {
+    fn name(&self) -> &'static str {
+        "ganpo-softmax-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "softmax with bias")?;
+        let bias = f32_slice(s2, l2, "softmax with bias")?;
+        let (n, _, t, s) = l2.shape().dims4()?;
+        let dims = l1.dims();
+        if dims.len() < 3 || dims[0] != n || dims[dims.len() - 2] != t || dims[dims.len() - 1] != s
+        {
+            candle_core::bail!(
+                "softmax with bias: scores {dims:?} do not match the bias {:?}",
+                l2.dims()
+            );
+        }
+        let rows_per_batch_row = x.len() / (n * s).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let b = (row / rows_per_batch_row) * t + row % t;
+                let b = &bias[b * s..(b + 1) * s];
+                for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                    *y = x + b;
+                }
+                softmax_in_place(y);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxBackward)?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// `softmax(x + bias)` over the last dimension (f32, CPU) for attention scores `x`
+/// `[N, .., T, S]` and an additive mask `bias` `[N, 1, T, S]`; differentiable in `x` only.
+pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?.detach(), SoftmaxBias)
 }
 
 /// `y = x / rms(x) * w` over the last dimension.
@@ -400,6 +469,55 @@ impl CustomOp2 for Linear {
     }
 }
 
+/// [`Linear`] plus a bias `[out]`, whose gradient (the column sums of the output gradient) is
+/// one more matrix product rather than a reduction over a broadcast.
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "ganpo-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = f32_slice(s3, l3, "linear")?;
+        let (y, shape) = Linear.cpu_fwd(s1, l1, s2, l2)?;
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("linear: f32 output expected");
+        };
+        if b.len() != l2.dims()[0] {
+            candle_core::bail!("linear: bias {:?} for weight {:?}", l3.dims(), l2.dims());
+        }
+        y.par_chunks_mut(b.len())
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_w) = Linear.bwd(x, w, res, grad_res)?;
+        let out = w.dim(0)?;
+        let rows = grad_res.elem_count() / out.max(1);
+        let g = grad_res.contiguous()?.reshape((rows, out))?;
+        let ones = Tensor::ones((1, rows), DType::F32, g.device())?;
+        let grad_b = ones.matmul(&g)?.reshape(out)?;
+        Ok((grad_x, grad_w, Some(grad_b)))
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -410,6 +528,13 @@ fn parallelism() -> gemm::Parallelism {
 /// `x W^T` for `x` `[.., in]` and `W` `[out, in]` (f32, CPU), differentiable in both.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+/// `x W^T + b` for `x` `[.., in]`, `W` `[out, in]` and `b` `[out]` (f32, CPU), differentiable
+/// in all three.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)
 }
 
 /// The gated MLP's `act(gate) * up`, with SiLU or tanh-approximated GELU.
@@ -793,4 +918,119 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
         &b.contiguous()?,
         LayerNorm { eps: eps as f32 },
     )
+}
+
+/// Inverted dropout whose keep mask lives in the op (one byte an element), so the graph holds
+/// no mask tensor and the backward computes no gradient for one.
+struct Dropout {
+    keep: f32,
+    seed: u64,
+    mask: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Dropout {
+    /// Whether element `i` is kept: a ChaCha8 stream per chunk of the seed, so the mask
+    /// is the same whatever the thread count.
+    fn fill_mask(&self, n: usize) -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let threshold = (self.keep as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+        let mut mask = vec![0u8; n];
+        mask.par_chunks_mut(ELEMENT_CHUNK)
+            .enumerate()
+            .for_each(|(chunk, mask)| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+                rng.set_stream(chunk as u64);
+                for m in mask {
+                    *m = u8::from(rng.next_u32() < threshold);
+                }
+            });
+        mask
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "ganpo-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "dropout")?;
+        let mask = self.fill_mask(x.len());
+        let scale = 1.0 / self.keep;
+        let out = x
+            .par_iter()
+            .zip(mask.par_iter())
+            .map(|(&x, &m)| if m == 1 { x * scale } else { 0.0 })
+            .collect();
+        *self
+            .mask
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout mask lock".into()))? = mask;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mask = self
+            .mask
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout mask lock".into()))?;
+        let backward = DropoutBackward {
+            scale: 1.0 / self.keep,
+            mask: &mask,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&backward)?))
+    }
+}
+
+/// `grad * mask / keep` with the mask of the forward.
+struct DropoutBackward<'a> {
+    scale: f32,
+    mask: &'a [u8],
+}
+
+impl CustomOp1 for DropoutBackward<'_> {
+    fn name(&self) -> &'static str {
+        "ganpo-dropout-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let grad = f32_slice(storage, layout, "dropout backward")?;
+        if grad.len() != self.mask.len() {
+            candle_core::bail!(
+                "dropout backward: gradient of {} elements for a mask of {}",
+                grad.len(),
+                self.mask.len()
+            );
+        }
+        let scale = self.scale;
+        let out = grad
+            .par_iter()
+            .zip(self.mask.par_iter())
+            .map(|(&g, &m)| if m == 1 { g * scale } else { 0.0 })
+            .collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// Inverted dropout (f32, CPU): keeps each element with probability `1 - p`, scaled by
+/// `1 / (1 - p)`; the mask is drawn from `seed` alone. Differentiable.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Dropout {
+        keep: (1.0 - p) as f32,
+        seed,
+        mask: std::sync::Mutex::new(Vec::new()),
+    })
 }

@@ -22,11 +22,13 @@ impl Linear {
     /// Applies the projection to `x` of shape `[.., in]`, returning `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::fused::supported(x) && self.weight.dtype() == DType::F32 && x.rank() > 0 {
-            let y = super::fused::linear(x, &self.weight)?;
-            return match &self.bias {
-                Some(bias) => Ok(y.broadcast_add(bias)?),
-                None => Ok(y),
-            };
+            return Ok(match &self.bias {
+                Some(bias) if bias.dtype() == DType::F32 => {
+                    super::fused::linear_bias(x, &self.weight, bias)?
+                }
+                Some(bias) => super::fused::linear(x, &self.weight)?.broadcast_add(bias)?,
+                None => super::fused::linear(x, &self.weight)?,
+            });
         }
         let dims = x.dims();
         let features = dims[dims.len() - 1];
@@ -255,16 +257,20 @@ pub fn attention(
     if let Some(cap) = softcap {
         scores = soft_cap(&scores, cap)?;
     }
-    let scores = scores.broadcast_add(&bias.unsqueeze(1)?)?;
-
     let dtype = scores.dtype();
-    let scores = scores.to_dtype(DType::F32)?;
-    let probs = if fused {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    } else if super::fused::supported(&scores) {
-        super::fused::softmax_last_dim(&scores)?
+    let probs = if !fused && super::fused::supported(&scores) && bias.dtype() == DType::F32 {
+        // The mask enters the softmax kernel: no masked-scores tensor, no gradient for it.
+        let scores = scores.reshape((n, kv * rep, t, s))?;
+        super::fused::softmax_with_bias(&scores, bias)?
     } else {
-        softmax_last_dim(&scores)?
+        let scores = scores
+            .broadcast_add(&bias.unsqueeze(1)?)?
+            .to_dtype(DType::F32)?;
+        if fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            softmax_last_dim(&scores)?
+        }
     };
     let probs = probs.to_dtype(dtype)?.reshape((n, kv, rep * t, s))?;
 

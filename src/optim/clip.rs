@@ -55,7 +55,13 @@ impl GradAccumulator {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.affine(scale, 0.0)?.detach();
+            // Scale 1 (the steps pre-scale their losses) shares the gradient's storage
+            // instead of copying every parameter's gradient.
+            let g = if scale == 1.0 {
+                g.detach()
+            } else {
+                g.affine(scale, 0.0)?.detach()
+            };
             let sum = match self.grads.remove(var.as_tensor()) {
                 Some(old) => old.add(&g)?,
                 None => g,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 
 use crate::data::PreferenceBatch;
 use crate::disc::{Discriminator, Pooling};
@@ -422,6 +422,44 @@ impl DiscInputs {
     }
 }
 
+/// The generator term `L_G` with both discriminators frozen, its metrics, and
+/// `λ · ∂L_G/∂h` for the policy states `h` `[2m, T, d]` (chosen rows first).
+///
+/// The gradient is taken through the discriminators here, on a detached copy of the states,
+/// and their graph is dropped before the policy's backward.
+fn generator_gradient(
+    adversary: &Adversary,
+    d: &DiscInputs,
+    policy_h: &Tensor,
+    lambda: f64,
+) -> Result<(f64, BTreeMap<String, f64>, Tensor)> {
+    let h = Var::from_tensor(&policy_h.detach())?;
+    let mask = |chosen: bool| -> Result<Option<Tensor>> {
+        d.pool_mask
+            .as_ref()
+            .map(|mk| d.halves(mk, chosen))
+            .transpose()
+    };
+    let d_c = adversary.chosen.forward_frozen(
+        &d.halves(h.as_tensor(), true)?,
+        mask(true)?.as_ref(),
+        true,
+    )?;
+    let d_r = adversary.rejected.forward_frozen(
+        &d.halves(h.as_tensor(), false)?,
+        mask(false)?.as_ref(),
+        true,
+    )?;
+    let (g_loss, metrics) = generator_loss(&adversary.means, &d_c, &d_r)?;
+    let value = scalar(&g_loss)?;
+    let grads = g_loss.affine(lambda, 0.0)?.backward()?;
+    let grad_h = match grads.get(h.as_tensor()) {
+        Some(g) => g.detach(),
+        None => h.as_tensor().zeros_like()?,
+    };
+    Ok((value, metrics, grad_h))
+}
+
 /// Steps both discriminators once from their accumulated gradients.
 fn step_discriminators(
     adversary: &mut Adversary,
@@ -520,32 +558,18 @@ pub fn ganpo_step(
         let (pref_loss, p_metrics) =
             preference_loss(&base.preference, &policy_logps, reference_logps.as_ref())?;
         finite(inputs.step, "dpo_loss", scalar(&pref_loss)?)?;
-        let chosen_mask = disc_inputs
-            .pool_mask
-            .as_ref()
-            .map(|mk| disc_inputs.halves(mk, true))
-            .transpose()?;
-        let rejected_mask = disc_inputs
-            .pool_mask
-            .as_ref()
-            .map(|mk| disc_inputs.halves(mk, false))
-            .transpose()?;
-        let d_c = adversary.chosen.forward_frozen(
-            &policy_h.narrow(0, 0, m.pairs)?,
-            chosen_mask.as_ref(),
-            true,
+        let (g_loss, g_metrics, grad_h) =
+            generator_gradient(adversary, &disc_inputs, &policy_h, cfg.lambda)?;
+        finite(inputs.step, "g_loss", g_loss)?;
+        let loss_value = finite(
+            inputs.step,
+            "loss",
+            scalar(&pref_loss)? + cfg.lambda * g_loss,
         )?;
-        let d_r = adversary.rejected.forward_frozen(
-            &policy_h.narrow(0, m.pairs, m.pairs)?,
-            rejected_mask.as_ref(),
-            true,
-        )?;
-        let (g_loss, g_metrics) = generator_loss(&adversary.means, &d_c, &d_r)?;
-        finite(inputs.step, "g_loss", scalar(&g_loss)?)?;
-
-        let loss = pref_loss.add(&g_loss.affine(cfg.lambda, 0.0)?)?;
-        let loss_value = finite(inputs.step, "loss", scalar(&loss)?)?;
-        let grads = loss.affine(weight, 0.0)?.backward()?;
+        // `sum(h · λ∂L_G/∂h)` has the generator term's gradient in h, so the policy's
+        // backward needs no discriminator graph: the peak memory stays the DPO step's.
+        let surrogate = policy_h.mul(&grad_h)?.sum_all()?;
+        let grads = pref_loss.add(&surrogate)?.affine(weight, 0.0)?.backward()?;
         policy_acc.add(&vars, &grads, 1.0)?;
 
         let mut p_metrics = p_metrics;
