@@ -259,3 +259,99 @@ fn fused_linear_with_bias_matches_composed_in_value_and_all_gradients() {
     assert!(max_diff(&gw1, &gw2) < 1e-5);
     assert!(max_diff(&gb1, &gb2) < 1e-5);
 }
+
+/// `[N, T, H, d]` to the `[N, H, T, d]` layout of the composed attention.
+fn heads_first(x: &Tensor) -> Tensor {
+    x.transpose(1, 2).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn fused_attention_matches_composed_with_grouped_heads_and_a_mask() {
+    use ganpo::model::fused_attention;
+    let (n, t, h, kv, d) = (2, 5, 4, 2, 3);
+    let q = Var::from_tensor(&random(&[n, t, h, d], 29.0)).unwrap();
+    let k = Var::from_tensor(&random(&[n, t, kv, d], 30.0)).unwrap();
+    let v = Var::from_tensor(&random(&[n, t, kv, d], 31.0)).unwrap();
+    let real = vec![vec![true; t], vec![true, true, true, false, false]];
+    let bias =
+        layers::attention_bias(&real, 0, t, None, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let r = random(&[n, t, h * d], 32.0);
+    let scale = 0.7;
+    let run = |fused_path: bool| {
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let y = if fused_path {
+            fused_attention::attention(qt, kt, vt, Some(&bias), scale, None).unwrap()
+        } else {
+            let qs = (heads_first(qt) * scale).unwrap();
+            layers::attention(&qs, &heads_first(kt), &heads_first(vt), &bias, None, false).unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        (y, get(&q), get(&k), get(&v))
+    };
+    let (y1, gq1, gk1, gv1) = run(true);
+    let (y2, gq2, gk2, gv2) = run(false);
+    assert_eq!(y1.dims(), &[n, t, h * d]);
+    assert!(max_diff(&y1, &y2) < 1e-5);
+    assert!(max_diff(&gq1, &gq2) < 1e-5);
+    assert!(max_diff(&gk1, &gk2) < 1e-5);
+    assert!(max_diff(&gv1, &gv2) < 1e-5);
+}
+
+#[test]
+fn fused_attention_with_dropout_has_the_gradient_of_its_own_forward() {
+    use ganpo::model::fused_attention::{attention, AttentionDropout};
+    let (n, t, h, d) = (1, 6, 2, 4);
+    let dropout = Some(AttentionDropout { p: 0.3, seed: 11 });
+    let q = random(&[n, t, h, d], 33.0);
+    let k = random(&[n, t, h, d], 34.0);
+    let v = random(&[n, t, h, d], 35.0);
+    let r = random(&[n, t, h * d], 36.0);
+    let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
+        let y = attention(q, k, v, None, 0.5, dropout).unwrap();
+        let l = (y.to_dtype(candle_core::DType::F64).unwrap()
+            * r.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap();
+        l.sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let vars: Vec<Var> = [&q, &k, &v]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let y = attention(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        None,
+        0.5,
+        dropout,
+    )
+    .unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let eps = 1e-2f32;
+    for (which, var) in vars.iter().enumerate() {
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let g = g.to_vec1::<f32>().unwrap();
+        assert!(g.iter().any(|&x| x != 0.0), "input {which} got no gradient");
+        for i in [0, 5, 17, 30] {
+            let bump = |delta: f32| {
+                let mut inputs = [q.clone(), k.clone(), v.clone()];
+                let mut flat = inputs[which]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                flat[i] += delta;
+                inputs[which] =
+                    Tensor::from_vec(flat, inputs[which].shape(), &Device::Cpu).unwrap();
+                loss(&inputs[0], &inputs[1], &inputs[2])
+            };
+            let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps as f64);
+            assert!(
+                (numeric - g[i] as f64).abs() < 2e-3,
+                "input {which} element {i}: numeric {numeric}, backward {}",
+                g[i]
+            );
+        }
+    }
+}

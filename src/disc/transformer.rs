@@ -4,13 +4,15 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{
     dropout, gelu, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass, SnLinear,
 };
 use super::pool;
+use crate::model::fused;
+use crate::model::fused_attention::{self, AttentionDropout};
 use crate::{Error, Result};
 
 /// Sizes of the transformer discriminator (defaults: GANPO.md).
@@ -96,6 +98,9 @@ impl EncoderLayer {
     ) -> Result<Tensor> {
         let (n, t, d) = x.dims3()?;
         let dh = d / heads;
+        if fused::supported(x) {
+            return self.fused_attention(x, heads, pass, p, rng);
+        }
         let qkv = linear(
             x,
             &pass.param(&self.in_proj_weight),
@@ -116,6 +121,45 @@ impl EncoderLayer {
         let weights = dropout(&softmax_last(&scores)?, p, rng)?;
         let attended = weights.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
 
+        linear(
+            &attended,
+            &pass.param(&self.out_proj_weight),
+            Some(&pass.param(&self.out_proj_bias)),
+        )
+    }
+
+    /// [`EncoderLayer::attention`] through the fused kernel: three projections from row
+    /// blocks of the packed input weight, and one attention node.
+    fn fused_attention(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pass: Pass,
+        p: f64,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let dh = d / heads;
+        let (w, b) = (
+            pass.param(&self.in_proj_weight),
+            pass.param(&self.in_proj_bias),
+        );
+        let project = |i: usize| -> Result<Tensor> {
+            let y = linear(x, &w.narrow(0, i * d, d)?, Some(&b.narrow(0, i * d, d)?))?;
+            Ok(y.reshape((n, t, heads, dh))?)
+        };
+        let (q, k, v) = (project(0)?, project(1)?, project(2)?);
+        let dropout = if p > 0.0 {
+            let seed = rng
+                .lock()
+                .map_err(|_| Error::invalid("dropout RNG lock poisoned"))?
+                .random::<u64>();
+            Some(AttentionDropout { p: p as f32, seed })
+        } else {
+            None
+        };
+        let scale = 1.0 / (dh as f64).sqrt();
+        let attended = fused_attention::attention(&q, &k, &v, None, scale, dropout)?;
         linear(
             &attended,
             &pass.param(&self.out_proj_weight),

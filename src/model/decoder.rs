@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 use super::config::{AttentionKind, Family, ModelConfig};
+use super::fused_attention;
 use super::layers::{self, Linear, RotaryTables};
 use super::lora::{LoraAdapter, LoraConfig};
 use super::{ForwardOptions, ForwardOutput, HiddenStates, LoadOptions};
@@ -805,14 +806,29 @@ impl Block {
             AttentionKind::Full => (ctx.rotary_full, ctx.bias_full),
             AttentionKind::Sliding => (ctx.rotary_local, ctx.bias_sliding),
         };
-        let q = rotary.apply_before_transpose(&q)?;
-        let k = rotary.apply_before_transpose(&k)?;
-        let v = v.transpose(1, 2)?;
-
         let scale = match cfg.query_pre_attn_scalar {
             Some(s) => 1.0 / s.sqrt(),
             None => 1.0 / (hd as f64).sqrt(),
         };
+
+        // Training on the CPU in f32: rotary and attention as single nodes, in the
+        // projections' layout (no transposed copies, no scores tensor in the graph).
+        let fusable = !ctx.fused
+            && cache.is_none()
+            && cfg.attn_logit_softcapping.is_none()
+            && bias.dtype() == DType::F32;
+        if fusable {
+            if let (Some(q), Some(k)) =
+                (rotary.rotate_heads_last(&q)?, rotary.rotate_heads_last(&k)?)
+            {
+                let out = fused_attention::attention(&q, &k, &v, Some(bias), scale, None)?;
+                return self.attn.o.forward(&out, ctx.train);
+            }
+        }
+
+        let q = rotary.apply_before_transpose(&q)?;
+        let k = rotary.apply_before_transpose(&k)?;
+        let v = v.transpose(1, 2)?;
         let q = (q * scale)?;
 
         let (k, v) = match cache {

@@ -207,16 +207,25 @@ impl RotaryTables {
         Self::new(rope, head_dim, &positions, dtype)
     }
 
+    /// Rotates `x` of shape `[N, T, H, head_dim]` in that layout through the fused CPU kernel,
+    /// or returns `None` where it does not apply (not f32 on the CPU, or per-row tables).
+    pub fn rotate_heads_last(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !super::fused::supported(x) || self.cos.dim(0)? != 1 {
+            return Ok(None);
+        }
+        let (_, _, t, d) = self.cos.dims4()?;
+        let cos = self.cos.reshape((t, d))?;
+        let sin = self.sin.reshape((t, d))?;
+        Ok(Some(super::fused::rope(x, &cos, &sin)?))
+    }
+
     /// Rotates `x` of shape `[N, T, H, head_dim]` and returns it as `[N, H, T, head_dim]`,
     /// through the fused CPU kernel when it applies (f32 on the CPU, tables shared by all rows).
     pub fn apply_before_transpose(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::supported(x) && self.cos.dim(0)? == 1 {
-            let (_, _, t, d) = self.cos.dims4()?;
-            let cos = self.cos.reshape((t, d))?;
-            let sin = self.sin.reshape((t, d))?;
-            return Ok(super::fused::rope(x, &cos, &sin)?.transpose(1, 2)?);
+        match self.rotate_heads_last(x)? {
+            Some(rotated) => Ok(rotated.transpose(1, 2)?),
+            None => self.apply(&x.transpose(1, 2)?),
         }
-        self.apply(&x.transpose(1, 2)?)
     }
 
     /// Rotates `x` of shape `[N, H, T, head_dim]` (the rotate-half convention of transformers).

@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod config;
 mod decoder;
 pub mod fused;
+pub mod fused_attention;
 pub mod generate;
 pub mod layers;
 pub mod load;

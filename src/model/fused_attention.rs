@@ -1,0 +1,527 @@
+//! Scaled dot-product attention as one graph node (f32, CPU), for the policy's decoder and the
+//! discriminators' encoder.
+//!
+//! Queries, keys and values are read in the layout the projections produce (`[N, T, heads,
+//! d]`, no transposed copies) and the output is written as `[N, T, heads * d]`, ready for the
+//! output projection. One task per (row, key/value head) runs small matrix products through
+//! strided views; the probabilities (and the dropout mask, one byte an element) are the only
+//! activations kept for the backward. The additive mask is a constant of the op and gets no
+//! gradient.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rand::{RngCore, SeedableRng};
+use rayon::prelude::*;
+
+/// A matrix inside a slice: element `(i, j)` at `offset + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]` on strided views, single-threaded (the callers
+/// parallelise over heads). `dst` is row-major with row stride `n`.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, l): (&[f32], View),
+    (rhs, r): (&[f32], View),
+    beta: f32,
+) {
+    let last = |v: View, rows: usize, cols: usize| {
+        v.offset + rows.saturating_sub(1) * v.rs + cols.saturating_sub(1) * v.cs
+    };
+    assert!(dst.len() >= m * n, "attention: destination too small");
+    assert!(
+        m == 0 || k == 0 || last(l, m, k) < lhs.len(),
+        "attention: lhs out of range"
+    );
+    assert!(
+        k == 0 || n == 0 || last(r, k, n) < rhs.len(),
+        "attention: rhs out of range"
+    );
+    // SAFETY: the asserts above keep every element the views address inside their slices,
+    // and `dst` is a distinct, exclusively borrowed buffer of at least m × n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.offset),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Replaces one row by its softmax.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for y in row.iter_mut() {
+        *y = (*y - max).exp();
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|y| *y *= inv);
+}
+
+/// Sizes of one call: `n` rows, `t` queries, `s` keys, `h` query heads sharing `kv` key/value
+/// heads in groups of `h / kv`, head width `d`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    t: usize,
+    s: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.h / self.kv
+    }
+
+    /// Query (or output) head `head` of row `b`: `[t, d]`.
+    fn query(&self, b: usize, head: usize) -> View {
+        View {
+            offset: (b * self.t * self.h + head) * self.d,
+            rs: self.h * self.d,
+            cs: 1,
+        }
+    }
+
+    /// Key (or value) head `head` of row `b`: `[s, d]`.
+    fn key(&self, b: usize, head: usize) -> View {
+        View {
+            offset: (b * self.s * self.kv + head) * self.d,
+            rs: self.kv * self.d,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a view.
+    fn t(v: View) -> View {
+        View {
+            offset: v.offset,
+            rs: v.cs,
+            cs: v.rs,
+        }
+    }
+
+    /// Row-major `[rows, cols]` at `offset`.
+    fn dense(offset: usize, cols: usize) -> View {
+        View {
+            offset,
+            rs: cols,
+            cs: 1,
+        }
+    }
+}
+
+/// Inverted dropout on the attention probabilities.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDropout {
+    /// Probability of dropping a weight.
+    pub p: f32,
+    /// Seed of the mask (one ChaCha8 stream per row and head).
+    pub seed: u64,
+}
+
+/// What the forward keeps for the backward.
+#[derive(Default)]
+struct Saved {
+    /// Probabilities `[n, h, t, s]` before dropout.
+    probs: Vec<f32>,
+    /// Keep mask `[n, h, t, s]`, empty without dropout.
+    mask: Vec<u8>,
+}
+
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    /// Additive mask `[n, 1, t, s]` (or none).
+    bias: Option<Tensor>,
+    dropout: Option<AttentionDropout>,
+    saved: Mutex<Saved>,
+}
+
+impl Attention {
+    fn dims(&self, q: &Layout, k: &Layout) -> candle_core::Result<Dims> {
+        let (n, t, h, d) = q.shape().dims4()?;
+        let (n2, s, kv, d2) = k.shape().dims4()?;
+        if n2 != n || d2 != d || h != self.heads || kv != self.kv_heads || kv == 0 || h % kv != 0 {
+            candle_core::bail!(
+                "attention: queries {:?} and keys {:?} do not fit {} heads over {} key/value heads",
+                q.dims(),
+                k.dims(),
+                self.heads,
+                self.kv_heads
+            );
+        }
+        Ok(Dims { n, t, s, h, kv, d })
+    }
+
+    fn bias_rows(&self, dims: Dims) -> candle_core::Result<Option<Vec<f32>>> {
+        let Some(bias) = &self.bias else {
+            return Ok(None);
+        };
+        if bias.dims() != [dims.n, 1, dims.t, dims.s] {
+            candle_core::bail!(
+                "attention: mask {:?} for {} rows, {} queries and {} keys",
+                bias.dims(),
+                dims.n,
+                dims.t,
+                dims.s
+            );
+        }
+        Ok(Some(bias.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    fn keep_mask(&self, dims: Dims) -> Vec<u8> {
+        let Some(dropout) = self.dropout else {
+            return Vec::new();
+        };
+        let keep = (1.0 - dropout.p as f64).clamp(0.0, 1.0);
+        let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+        let block = dims.t * dims.s;
+        let mut mask = vec![0u8; dims.n * dims.h * block];
+        mask.par_chunks_mut(block.max(1))
+            .enumerate()
+            .for_each(|(stream, mask)| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(dropout.seed);
+                rng.set_stream(stream as u64);
+                for m in mask {
+                    *m = u8::from(rng.next_u32() < threshold);
+                }
+            });
+        mask
+    }
+
+    fn keep_scale(&self) -> f32 {
+        self.dropout.map_or(1.0, |d| 1.0 / (1.0 - d.p))
+    }
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("attention: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("attention: {what} must be contiguous"),
+    }
+}
+
+/// `[n, h, t, d]` blocks back to `[n, t, h * d]`.
+fn heads_to_rows(blocks: &[f32], dims: Dims) -> Vec<f32> {
+    let Dims { t, h, d, .. } = dims;
+    let mut out = vec![0f32; blocks.len()];
+    out.par_chunks_mut(h * d)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (b, i) = (row / t, row % t);
+            for head in 0..h {
+                let src = ((b * h + head) * t + i) * d;
+                out[head * d..(head + 1) * d].copy_from_slice(&blocks[src..src + d]);
+            }
+        });
+    out
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "ganpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l1, l2)?;
+        if l3.dims() != l2.dims() {
+            candle_core::bail!("attention: keys {:?} but values {:?}", l2.dims(), l3.dims());
+        }
+        let (q, k, v) = (
+            f32_data(s1, l1, "queries")?,
+            f32_data(s2, l2, "keys")?,
+            f32_data(s3, l3, "values")?,
+        );
+        let bias = self.bias_rows(dims)?;
+        let mask = self.keep_mask(dims);
+        let Dims { n, t, s, h, d, .. } = dims;
+        let (group, keep_scale, scale) = (dims.group(), self.keep_scale(), self.scale);
+
+        let mut probs = vec![0f32; n * h * t * s];
+        let mut blocks = vec![0f32; n * h * t * d];
+        probs
+            .par_chunks_mut(t * s)
+            .zip(blocks.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(bh, (p, o))| {
+                let (b, head) = (bh / h, bh % h);
+                let (qv, kv) = (dims.query(b, head), dims.key(b, head / group));
+                matmul((t, s, d), p, false, (q, qv), (k, Dims::t(kv)), scale);
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    if let Some(bias) = &bias {
+                        let bias = &bias[(b * t + i) * s..(b * t + i + 1) * s];
+                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                    }
+                    softmax_in_place(row);
+                }
+                let weights: std::borrow::Cow<[f32]> = if mask.is_empty() {
+                    std::borrow::Cow::Borrowed(p)
+                } else {
+                    let m = &mask[bh * t * s..(bh + 1) * t * s];
+                    let dropped = p
+                        .iter()
+                        .zip(m)
+                        .map(|(&p, &m)| if m == 1 { p * keep_scale } else { 0.0 })
+                        .collect();
+                    std::borrow::Cow::Owned(dropped)
+                };
+                matmul(
+                    (t, d, s),
+                    o,
+                    false,
+                    (&weights, Dims::dense(0, s)),
+                    (v, kv),
+                    1.0,
+                );
+            });
+
+        let out = heads_to_rows(&blocks, dims);
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: saved state lock".into()))? =
+            Saved { probs, mask };
+        Ok((CpuStorage::F32(out), Shape::from((n, t, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: saved state lock".into()))?;
+        let backward = AttentionBackward {
+            op: self,
+            probs: &saved.probs,
+            mask: &saved.mask,
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        // One buffer `[dq | dk | dv]`, split below.
+        let packed = q.apply_op3_no_bwd(&k, &v, &GradInputs(grad_res.contiguous()?, backward))?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+struct AttentionBackward<'a> {
+    op: &'a Attention,
+    probs: &'a [f32],
+    mask: &'a [u8],
+}
+
+/// The backward as an op over (q, k, v), carrying the output gradient.
+struct GradInputs<'a>(Tensor, AttentionBackward<'a>);
+
+impl CustomOp3 for GradInputs<'_> {
+    fn name(&self) -> &'static str {
+        "ganpo-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let AttentionBackward { op, probs, mask } = &self.1;
+        let dims = op.dims(l1, l2)?;
+        let (q, k, v) = (
+            f32_data(s1, l1, "queries")?,
+            f32_data(s2, l2, "keys")?,
+            f32_data(s3, l3, "values")?,
+        );
+        let (grad_storage, grad_layout) = self.0.storage_and_layout();
+        let candle_core::Storage::Cpu(grad_storage) = &*grad_storage else {
+            candle_core::bail!("attention backward: the gradient must be on the CPU");
+        };
+        let grad = f32_data(grad_storage, grad_layout, "output gradient")?;
+        let Dims { n, t, s, h, kv, d } = dims;
+        if probs.len() != n * h * t * s {
+            candle_core::bail!("attention backward: the forward's probabilities are missing");
+        }
+        let (group, keep_scale, scale) = (dims.group(), op.keep_scale(), op.scale);
+
+        // One task per (row, key/value head): it owns that head's dk, dv and its queries' dq.
+        let block = group * t * d + 2 * s * d;
+        let mut parts = vec![0f32; n * kv * block];
+        parts
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(bk, part)| {
+                let (b, kvh) = (bk / kv, bk % kv);
+                let (dq_all, rest) = part.split_at_mut(group * t * d);
+                let (dk, dv) = rest.split_at_mut(s * d);
+                let (kview, vview) = (dims.key(b, kvh), dims.key(b, kvh));
+                let mut dp = vec![0f32; t * s];
+                let mut weights = vec![0f32; t * s];
+                for g in 0..group {
+                    let head = kvh * group + g;
+                    let bh = b * h + head;
+                    let p = &probs[bh * t * s..(bh + 1) * t * s];
+                    let m = (!mask.is_empty()).then(|| &mask[bh * t * s..(bh + 1) * t * s]);
+                    match m {
+                        Some(m) => weights.iter_mut().zip(p).zip(m).for_each(|((w, &p), &m)| {
+                            *w = if m == 1 { p * keep_scale } else { 0.0 }
+                        }),
+                        None => weights.copy_from_slice(p),
+                    }
+                    let go = dims.query(b, head);
+                    // dv += weightsᵀ · dO
+                    matmul(
+                        (s, d, t),
+                        dv,
+                        true,
+                        (&weights, Dims::t(Dims::dense(0, s))),
+                        (grad, go),
+                        1.0,
+                    );
+                    // dP = dO · vᵀ, through the dropout mask
+                    matmul(
+                        (t, s, d),
+                        &mut dp,
+                        false,
+                        (grad, go),
+                        (v, Dims::t(vview)),
+                        1.0,
+                    );
+                    if let Some(m) = m {
+                        dp.iter_mut()
+                            .zip(m)
+                            .for_each(|(g, &m)| *g = if m == 1 { *g * keep_scale } else { 0.0 });
+                    }
+                    // dS = P ∘ (dP − rowsum(dP ∘ P)), in place of dP
+                    for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
+                        let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
+                        dp.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+                    }
+                    // dq = scale · dS · k ;  dk += scale · dSᵀ · q
+                    let dq = &mut dq_all[g * t * d..(g + 1) * t * d];
+                    matmul(
+                        (t, d, s),
+                        dq,
+                        false,
+                        (&dp, Dims::dense(0, s)),
+                        (k, kview),
+                        scale,
+                    );
+                    let qv = dims.query(b, head);
+                    matmul(
+                        (s, d, t),
+                        dk,
+                        true,
+                        (&dp, Dims::t(Dims::dense(0, s))),
+                        (q, qv),
+                        scale,
+                    );
+                }
+            });
+
+        // Scatter into [dq (n, t, h, d) | dk (n, s, kv, d) | dv (n, s, kv, d)].
+        let (nq, nk) = (n * t * h * d, n * s * kv * d);
+        let mut out = vec![0f32; nq + 2 * nk];
+        let (dq_out, dkv_out) = out.split_at_mut(nq);
+        let (dk_out, dv_out) = dkv_out.split_at_mut(nk);
+        dq_out
+            .par_chunks_mut(h * d)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, i) = (row / t, row % t);
+                for head in 0..h {
+                    let (kvh, g) = (head / group, head % group);
+                    let src = (b * kv + kvh) * block + (g * t + i) * d;
+                    dst[head * d..(head + 1) * d].copy_from_slice(&parts[src..src + d]);
+                }
+            });
+        for (which, dst_all) in [(0, dk_out), (1, dv_out)] {
+            dst_all
+                .par_chunks_mut(kv * d)
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let (b, j) = (row / s, row % s);
+                    for kvh in 0..kv {
+                        let src = (b * kv + kvh) * block + group * t * d + which * s * d + j * d;
+                        dst[kvh * d..(kvh + 1) * d].copy_from_slice(&parts[src..src + d]);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
+    }
+}
+
+/// Scaled dot-product attention, differentiable in `q`, `k` and `v` (f32, CPU).
+///
+/// `q` is `[N, T, H, d]`, `k` and `v` are `[N, S, KV, d]` with `H` a multiple of `KV` (query
+/// head `i` reads key/value head `i / (H / KV)`); `bias` is an additive mask `[N, 1, T, S]`;
+/// scores are `scale · q kᵀ`. Returns `[N, T, H * d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<AttentionDropout>,
+) -> candle_core::Result<Tensor> {
+    let (_, _, heads, _) = q.dims4()?;
+    let (_, _, kv_heads, _) = k.dims4()?;
+    let op = Attention {
+        heads,
+        kv_heads,
+        scale: scale as f32,
+        bias: bias.map(|b| b.detach()),
+        dropout: dropout.filter(|d| d.p > 0.0),
+        saved: Mutex::new(Saved::default()),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
