@@ -170,3 +170,37 @@ fn sigint_finishes_the_statement_runs_on_interrupt_hooks_and_exits_130() {
     let saved = std::fs::read_to_string(dir.path().join("checkpoint.txt")).unwrap();
     assert!(saved.starts_with("step "), "{saved}");
 }
+
+#[test]
+fn a_set_key_the_script_never_reads_is_warned_about_before_it_runs() {
+    let script = "let steps = cfg(\"max_steps\", 3);\nprint(steps);";
+    let out = ganpo_run(&["-e", script, "--set", "max_step=5", "--set", "zzz=1"]);
+
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(text(&out.stdout).trim(), "3");
+    assert!(
+        stderr.contains("--set max_step: the script never reads it; did you mean max_steps?"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--set zzz: the script never reads it (it reads: max_steps)"),
+        "{stderr}"
+    );
+
+    let read = ganpo_run(&["-e", script, "--set", "max_steps=5"]);
+    assert!(
+        !text(&read.stderr).contains("warning"),
+        "{}",
+        text(&read.stderr)
+    );
+    assert_eq!(text(&read.stdout).trim(), "5");
+
+    // A script that reads the `config` map may read any key: no warning.
+    let dynamic = ganpo_run(&["-e", "print(config.len());", "--set", "anything=1"]);
+    assert!(
+        !text(&dynamic.stderr).contains("warning"),
+        "{}",
+        text(&dynamic.stderr)
+    );
+}

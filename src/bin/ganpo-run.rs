@@ -137,6 +137,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     })
     .context("installing the Ctrl-C handler")?;
 
+    for warning in unread_settings(&source, &args_config(args)) {
+        eprintln!("ganpo-run: warning: {warning}");
+    }
+
     let ast = match host.compile(&source) {
         Ok(ast) => ast,
         Err(err) => {
@@ -158,4 +162,84 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The `--set` keys as given.
+fn args_config(args: &Args) -> Vec<String> {
+    args.set
+        .iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim().to_string()))
+        .collect()
+}
+
+/// A warning for each `--set` key the script never reads, found before it runs (a misspelled
+/// key would otherwise be ignored silently for a whole training run).
+///
+/// The keys a script reads are the string literals of its `cfg("key", ...)` calls; a script
+/// that computes a key or reads the `config` map directly can read anything, and gets none.
+fn unread_settings(source: &str, set: &[String]) -> Vec<String> {
+    let mut read = Vec::new();
+    for (at, _) in source.match_indices("cfg(") {
+        let preceded_by_name = source[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if preceded_by_name {
+            continue;
+        }
+        let rest = source[at + 4..].trim_start();
+        match rest.strip_prefix('"').and_then(|r| r.split_once('"')) {
+            Some((key, _)) if !read.iter().any(|r| r == key) => read.push(key.to_string()),
+            Some(_) => {}
+            None => return Vec::new(),
+        }
+    }
+    let mentions_config = source.match_indices("config").any(|(at, word)| {
+        let before = source[..at].chars().next_back();
+        let after = source[at + word.len()..].chars().next();
+        let is_name = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !is_name(before) && !is_name(after)
+    });
+    if mentions_config {
+        return Vec::new();
+    }
+    set.iter()
+        .filter(|key| !read.contains(key))
+        .map(|key| {
+            let closest = read
+                .iter()
+                .map(|r| (edit_distance(key, r), r))
+                .min()
+                .filter(|(d, _)| *d <= 2);
+            match closest {
+                Some((_, r)) => {
+                    format!("--set {key}: the script never reads it; did you mean {r}?")
+                }
+                None => format!(
+                    "--set {key}: the script never reads it (it reads: {})",
+                    if read.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        read.join(", ")
+                    }
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Levenshtein distance between two keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
 }
