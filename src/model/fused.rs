@@ -463,9 +463,19 @@ impl CustomOp2 for Linear {
         let (out, features) = w.dims2()?;
         let rows = x.elem_count() / features.max(1);
         let g = grad_res.contiguous()?.reshape((rows, out))?;
-        let grad_x = g.matmul(&w.detach())?.reshape(x.shape())?;
-        let grad_w = g.t()?.matmul(&x.detach().reshape((rows, features))?)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        // Only for inputs in the graph: a frozen weight (LoRA's base, a frozen discriminator)
+        // or a detached input gets no gradient, which halves the backward's products.
+        let grad_x = if x.track_op() {
+            Some(g.matmul(&w.detach())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let grad_w = if w.track_op() {
+            Some(g.t()?.matmul(&x.detach().reshape((rows, features))?)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
     }
 }
 
@@ -504,11 +514,14 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (grad_x, grad_w) = Linear.bwd(x, w, res, grad_res)?;
+        if !b.track_op() {
+            return Ok((grad_x, grad_w, None));
+        }
         let out = w.dim(0)?;
         let rows = grad_res.elem_count() / out.max(1);
         let g = grad_res.contiguous()?.reshape((rows, out))?;
