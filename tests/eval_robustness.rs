@@ -198,3 +198,45 @@ fn another_reference_gives_dpo_rewards_of_beta_times_the_logp_gap() {
     );
     assert_ne!(dpo.margin, 0.0);
 }
+
+#[test]
+fn evaluating_chosen_indices_scores_exactly_those_pairs_in_order() {
+    let tok = tokenizer();
+    let policy = tiny_model(&tok, 9);
+    let reference = tiny_model(&tok, 10);
+    let data = PreferenceDataset::from_pairs(&pairs(), &tok, &LoadConfig::default()).unwrap();
+    let noop = &mut |_: &Progress| {};
+    let run = |indices: Vec<usize>| {
+        let cfg = PreferenceEvalConfig {
+            batch_size: 2,
+            indices: Some(indices),
+            ..PreferenceEvalConfig::default()
+        };
+        evaluate_preferences(
+            &policy,
+            Some(&reference),
+            &data,
+            &cfg,
+            &mut |_: &Progress| {},
+        )
+    };
+
+    let all = evaluate_preferences(
+        &policy,
+        Some(&reference),
+        &data,
+        &PreferenceEvalConfig::default(),
+        noop,
+    )
+    .unwrap();
+    let picked = run(vec![2, 0]).unwrap();
+    assert_eq!(picked.pairs, 2);
+    assert_eq!(picked.margins.len(), 2);
+    assert!((picked.margins[0] - all.margins[2]).abs() < 1e-5);
+    assert!((picked.margins[1] - all.margins[0]).abs() < 1e-5);
+    let mean = (picked.margins[0] + picked.margins[1]) / 2.0;
+    assert!((picked.dpo.unwrap().margin - mean).abs() < 1e-9);
+
+    let err = run(vec![0, 99]).unwrap_err().to_string();
+    assert!(err.contains("pair index 99 is out of range"), "{err}");
+}

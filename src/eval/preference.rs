@@ -23,6 +23,8 @@ pub struct PreferenceEvalConfig {
     pub batch_size: usize,
     /// Evaluate only the first `limit` pairs.
     pub limit: Option<usize>,
+    /// Evaluate exactly these pairs, in this order (a held-out split); overrides `limit`.
+    pub indices: Option<Vec<usize>>,
 }
 
 impl Default for PreferenceEvalConfig {
@@ -33,6 +35,7 @@ impl Default for PreferenceEvalConfig {
             simpo_beta: 2.0,
             batch_size: 4,
             limit: None,
+            indices: None,
         }
     }
 }
@@ -62,6 +65,9 @@ pub struct PreferenceEvalReport {
     /// The policy's summed answer log-probs as the reward: accuracy is the fraction of pairs
     /// the policy itself finds the chosen answer more likely.
     pub policy_logps: RewardStats,
+    /// Each pair's DPO reward margin (chosen minus rejected), in evaluation order; empty
+    /// without a reference model.
+    pub margins: Vec<f64>,
 }
 
 impl PreferenceEvalReport {
@@ -101,15 +107,26 @@ pub fn evaluate_preferences(
             "preference eval: batch_size must be at least 1",
         ));
     }
-    let pairs = cfg.limit.map_or(data.len(), |l| l.min(data.len()));
+    let indices: Vec<usize> = match &cfg.indices {
+        Some(indices) => {
+            if let Some(&bad) = indices.iter().find(|&&i| i >= data.len()) {
+                return Err(Error::invalid(format!(
+                    "preference eval: pair index {bad} is out of range (the dataset has {} pairs)",
+                    data.len()
+                )));
+            }
+            indices.clone()
+        }
+        None => (0..cfg.limit.map_or(data.len(), |l| l.min(data.len()))).collect(),
+    };
+    let pairs = indices.len();
     if pairs == 0 {
-        return Err(Error::invalid("preference eval: the dataset has no pairs"));
+        return Err(Error::invalid("preference eval: no pairs to evaluate"));
     }
 
     let mut dpo = Vec::new();
     let mut simpo = Vec::new();
     let mut logps = Vec::new();
-    let indices: Vec<usize> = (0..pairs).collect();
     for chunk in indices.chunks(cfg.batch_size) {
         let batch = data.batch(chunk, policy.device())?;
         let b = chunk.len();
@@ -139,6 +156,7 @@ pub fn evaluate_preferences(
 
     Ok(PreferenceEvalReport {
         pairs,
+        margins: dpo.iter().map(|(c, r)| c - r).collect(),
         dpo: reference.map(|_| reward_stats(&dpo)),
         simpo: reward_stats(&simpo),
         policy_logps: reward_stats(&logps),

@@ -170,6 +170,21 @@ fn token_logps_fused(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(logits.apply_op2(&labels, TokenLogps)?)
 }
 
+/// Row `[start, start + v)` of a float storage as f32: borrowed when it is f32, converted into
+/// `buf` otherwise.
+fn row_f32<'a>(
+    s: &'a CpuStorage,
+    start: usize,
+    v: usize,
+    buf: &'a mut [f32],
+) -> candle_core::Result<&'a [f32]> {
+    if let CpuStorage::F32(d) = s {
+        return Ok(&d[start..start + v]);
+    }
+    read_row(s, start, v, buf)?;
+    Ok(buf)
+}
+
 /// Reads row `i` (length `v`) of a float storage as f32 into `out`.
 fn read_row(s: &CpuStorage, start: usize, v: usize, out: &mut [f32]) -> candle_core::Result<()> {
     match s {
@@ -237,9 +252,18 @@ impl CustomOp2 for TokenLogps {
 
         let mut out = vec![0f32; n * t * 2];
         out.par_chunks_mut(2).enumerate().try_for_each_init(
-            || vec![0f32; v],
-            |row, (i, o)| -> candle_core::Result<()> {
-                read_row(s1, start + i * v, v, row)?;
+            || {
+                vec![
+                    0f32;
+                    if matches!(s1, CpuStorage::F32(_)) {
+                        0
+                    } else {
+                        v
+                    }
+                ]
+            },
+            |buf, (i, o)| -> candle_core::Result<()> {
+                let row = row_f32(s1, start + i * v, v, buf)?;
                 let label = labels[i] as usize;
                 if label >= v {
                     candle_core::bail!("token log-probs: label {label} >= vocabulary {v}");
@@ -256,15 +280,16 @@ impl CustomOp2 for TokenLogps {
         &self,
         logits: &Tensor,
         labels: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad_res
-            .narrow(2, 0, 1)?
-            .squeeze(2)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
-        let grad_logits = logits.apply_op3_no_bwd(labels, &grad, &TokenLogpsGrad)?;
+        // [2, N, T]: the incoming gradient, then the forward's log-probs (from which the
+        // backward recovers each row's log-sum-exp without another pass over the row).
+        let first = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.narrow(2, 0, 1)?.squeeze(2)?.to_dtype(DType::F32)
+        };
+        let aux = Tensor::stack(&[first(grad_res)?, first(res)?], 0)?.contiguous()?;
+        let grad_logits = logits.apply_op3_no_bwd(labels, &aux, &TokenLogpsGrad)?;
         Ok((Some(grad_logits), None))
     }
 }
@@ -295,23 +320,29 @@ impl CustomOp3 for TokenLogpsGrad {
             CpuStorage::U32(d) => &d[label_start..label_start + n * t],
             _ => candle_core::bail!("token log-probs grad: labels must be u32"),
         };
-        let grads = match s3 {
-            CpuStorage::F32(d) => &d[grad_start..grad_start + n * t],
+        let (grads, logps) = match s3 {
+            CpuStorage::F32(d) => d[grad_start..grad_start + 2 * n * t].split_at(n * t),
             _ => candle_core::bail!("token log-probs grad: grad must be f32"),
         };
 
-        let fill = |i: usize, row: &mut [f32], out: &mut [f32]| -> candle_core::Result<()> {
+        let fill = |i: usize, buf: &mut [f32], out: &mut [f32]| -> candle_core::Result<()> {
             let g = grads[i];
             if g == 0.0 {
                 out.fill(0.0);
                 return Ok(());
             }
-            read_row(s1, start + i * v, v, row)?;
-            let lse = logsumexp(row);
+            let row = row_f32(s1, start + i * v, v, buf)?;
+            let label = labels[i] as usize;
+            // logp = x[label] - lse, so the forward already holds lse.
+            let lse = if logps[i].is_finite() {
+                row[label] - logps[i]
+            } else {
+                logsumexp(row)
+            };
             for (o, &x) in out.iter_mut().zip(row.iter()) {
                 *o = -g * (x - lse).exp();
             }
-            out[labels[i] as usize] += g;
+            out[label] += g;
             Ok(())
         };
 
@@ -320,7 +351,7 @@ impl CustomOp3 for TokenLogpsGrad {
                 let mut out = vec![0f32; n * t * v];
                 out.par_chunks_mut(v)
                     .enumerate()
-                    .try_for_each_init(|| vec![0f32; v], |row, (i, o)| fill(i, row, o))?;
+                    .try_for_each_init(Vec::new, |buf, (i, o)| fill(i, buf, o))?;
                 CpuStorage::F32(out)
             }
             CpuStorage::BF16(_) => CpuStorage::BF16(convert_rows(n * t, v, &fill, bf16::from_f32)?),

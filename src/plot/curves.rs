@@ -97,6 +97,9 @@ pub fn curves(
         .configure_mesh()
         .x_desc(opts.x_label.as_str())
         .y_desc(opts.y_label.as_str())
+        // The x axis counts steps: whole numbers only (no "0.5" ticks on short runs).
+        .x_labels(x_hi.min(10.0) as usize + 1)
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .label_style((FONT, 14))
         .draw()
         .map_err(|e| draw_err(path, e))?;

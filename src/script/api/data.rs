@@ -30,7 +30,7 @@ pub struct BatchHandle(pub Rc<PreferenceBatch>);
 #[derive(Clone)]
 pub struct SamplerHandle(pub Rc<RefCell<BatchSampler>>);
 
-fn indices_of(value: &Array, len: usize) -> RResult<Vec<usize>> {
+pub(super) fn indices_of(value: &Array, len: usize) -> RResult<Vec<usize>> {
     value
         .iter()
         .map(|v| {

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use candle_core::DType;
 use rhai::{Array, Dynamic, EvalAltResult, Map};
 
+use super::data::{indices_of, DatasetHandle};
 use super::model::{ModelHandle, ModelState};
 use super::tensor::as_f64;
 use crate::data::{LoadConfig, PreferenceDataset};
@@ -233,6 +234,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                 simpo_beta: opt_f64(&opts, "simpo_beta", 2.0)?,
                 batch_size: opt_usize(&opts, "batch_size", 4)?,
                 limit: (limit > 0).then_some(limit),
+                indices: None,
             };
 
             let reference = ModelArg::from_opts(&c, &opts, "reference")?;
@@ -258,6 +260,64 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                 .map(|(k, v)| (k.into(), Dynamic::from_float(v)))
                 .collect();
             Ok(metrics.into())
+        },
+    );
+
+    let c = ctx.clone();
+    api.func(
+        "evaluate",
+        "pairs.evaluate(policy, reference, indices, opts) -> map",
+        "Held-out implicit rewards of the pairs at indices (a split), without a gradient: \
+         TRL's `rewards/accuracies`, `rewards/margins`, ..., SimPO's `simpo/rewards/...`, \
+         `logps/accuracies` (the policy's own preference), and for short `reward_accuracy`, \
+         `reward_margin`, `logp_accuracy` and `margins` (each pair's DPO reward margin, \
+         chosen minus rejected). opts: beta (0.1), simpo_beta (2.0), batch_size (4).",
+        "let parts = pairs.split(0.1);\n\
+         let m = pairs.evaluate(policy, reference, parts[1], #{beta: 0.1, batch_size: 2});\n\
+         print(`held-out accuracy ${m.reward_accuracy}, margin ${m.reward_margin}`);",
+        move |pairs: &mut DatasetHandle,
+              policy: ModelHandle,
+              reference: ModelHandle,
+              indices: Array,
+              opts: Map|
+              -> RResult<Map> {
+            let cfg = PreferenceEvalConfig {
+                beta: opt_f64(&opts, "beta", 0.1)?,
+                simpo_beta: opt_f64(&opts, "simpo_beta", 2.0)?,
+                batch_size: opt_usize(&opts, "batch_size", 4)?,
+                limit: None,
+                indices: Some(indices_of(&indices, pairs.0.len())?),
+            };
+            let (policy, reference) = (policy.0.borrow(), reference.0.borrow());
+            let report = with_bar(&c, "held-out eval", |progress| {
+                eval::evaluate_preferences(
+                    &policy.model,
+                    Some(&reference.model),
+                    &pairs.0,
+                    &cfg,
+                    progress,
+                )
+            })
+            .map_err(script_err)?;
+            let mut out: Map = report
+                .metrics()
+                .into_iter()
+                .map(|(k, v)| (k.into(), Dynamic::from_float(v)))
+                .collect();
+            let dpo = report.dpo.expect("evaluated with a reference");
+            out.insert("reward_accuracy".into(), Dynamic::from_float(dpo.accuracy));
+            out.insert("reward_margin".into(), Dynamic::from_float(dpo.margin));
+            out.insert(
+                "logp_accuracy".into(),
+                Dynamic::from_float(report.policy_logps.accuracy),
+            );
+            let margins: Array = report
+                .margins
+                .into_iter()
+                .map(Dynamic::from_float)
+                .collect();
+            out.insert("margins".into(), margins.into());
+            Ok(out)
         },
     );
 
