@@ -134,6 +134,11 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             // A second Ctrl-C while the first is being honoured: leave at once.
             std::process::exit(130);
         }
+        eprintln!(
+            "ganpo-run: Ctrl-C: stopping after the running statement (a training step or an \
+             evaluation finishes first), then running on_interrupt hooks; press again to quit \
+             at once"
+        );
     })
     .context("installing the Ctrl-C handler")?;
 
