@@ -98,7 +98,8 @@ pub fn curves(
         .x_desc(opts.x_label.as_str())
         .y_desc(opts.y_label.as_str())
         // The x axis counts steps: whole numbers only (no "0.5" ticks on short runs).
-        .x_labels(x_hi.min(10.0) as usize + 1)
+        // (no more labels than steps, so the "nice" tick spacing is never below one)
+        .x_labels((x_hi as usize).clamp(2, 10))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .label_style((FONT, 14))
         .draw()
