@@ -99,7 +99,7 @@ pub fn curves(
         .y_desc(opts.y_label.as_str())
         // The x axis counts steps: whole numbers only (no "0.5" ticks on short runs).
         // (no more labels than steps, so the "nice" tick spacing is never below one)
-        .x_labels((x_hi as usize).clamp(2, 10))
+        .x_labels((x_hi as usize + 1).clamp(2, 11))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .label_style((FONT, 14))
         .draw()

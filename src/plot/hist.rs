@@ -83,7 +83,7 @@ pub fn histogram(
         .x_desc(opts.x_label.as_str())
         .y_desc("count")
         // Counts are whole numbers: at most one tick per count, none at fractions.
-        .y_labels((top as usize).clamp(2, 10))
+        .y_labels((top as usize + 1).clamp(2, 11))
         .y_label_formatter(&|y| format!("{}", y.round() as i64))
         .label_style((FONT, 14))
         .draw()
