@@ -23,6 +23,7 @@ pub mod data;
 pub mod disc;
 pub mod error;
 pub mod eval;
+mod fsio;
 pub mod model;
 pub mod objective;
 pub mod optim;

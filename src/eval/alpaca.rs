@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::{chat_prompt_ids, clean_answer, eos_ids, Progress};
+use crate::fsio::write_atomic;
 use crate::model::{CausalLm, GenerateOptions};
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
@@ -295,16 +296,4 @@ fn write_sidecar(path: &Path, done: &BTreeMap<usize, AlpacaItem>) -> Result<()> 
         text.push('\n');
     }
     write_atomic(path, text.as_bytes())
-}
-
-/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

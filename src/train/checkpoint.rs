@@ -3,7 +3,6 @@
 //! means, the step, the data position and the dropout generators' states.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -11,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::step::Adversary;
 use crate::data::BatchPosition;
+use crate::fsio::{fsync, write_atomic};
 use crate::model::CausalLm;
 use crate::optim::Optimizer;
 use crate::{Error, Result};
@@ -321,17 +321,4 @@ fn on_device(tensors: &[(String, Tensor)], device: &Device) -> Result<Vec<(Strin
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_device(device)?)))
         .collect()
-}
-
-fn fsync(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(path, e))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    fsync(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
