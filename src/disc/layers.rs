@@ -116,6 +116,14 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
+/// A seed for one dropout mask, drawn from the discriminator's generator.
+pub fn dropout_seed(rng: &Mutex<ChaCha8Rng>) -> Result<u64> {
+    Ok(rng
+        .lock()
+        .map_err(|_| Error::invalid("dropout RNG lock poisoned"))?
+        .random::<u64>())
+}
+
 /// Inverted dropout with probability `p`, drawing its mask from `rng` (deterministic given the
 /// generator's state, which checkpoints save). On the CPU in f32 the mask is drawn in
 /// parallel from one seed taken from `rng`, and kept inside the graph node as bytes.
@@ -124,11 +132,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if fused::supported(x) {
-        let seed = rng
-            .lock()
-            .map_err(|_| Error::invalid("dropout RNG lock poisoned"))?
-            .random::<u64>();
-        return Ok(fused::dropout(x, p, seed)?);
+        return Ok(fused::dropout(x, p, dropout_seed(rng)?)?);
     }
     let n = x.elem_count();
     let keep = 1.0 - p;

@@ -4,11 +4,12 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{
-    dropout, gelu, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass, SnLinear,
+    dropout, dropout_seed, gelu, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass,
+    SnLinear,
 };
 use super::pool;
 use crate::model::fused;
@@ -150,11 +151,10 @@ impl EncoderLayer {
         };
         let (q, k, v) = (project(0)?, project(1)?, project(2)?);
         let dropout = if p > 0.0 {
-            let seed = rng
-                .lock()
-                .map_err(|_| Error::invalid("dropout RNG lock poisoned"))?
-                .random::<u64>();
-            Some(AttentionDropout { p: p as f32, seed })
+            Some(AttentionDropout {
+                p: p as f32,
+                seed: dropout_seed(rng)?,
+            })
         } else {
             None
         };

@@ -18,7 +18,8 @@ pub fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-fn f32_slice<'a>(
+/// The elements of a contiguous f32 CPU storage.
+pub(super) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &str,
@@ -120,7 +121,7 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Replaces one row by its softmax.
-fn softmax_in_place(row: &mut [f32]) {
+pub(super) fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for y in row.iter_mut() {
@@ -941,23 +942,30 @@ struct Dropout {
     mask: std::sync::Mutex<Vec<u8>>,
 }
 
-impl Dropout {
-    /// Whether element `i` is kept: a ChaCha8 stream per chunk of the seed, so the mask
-    /// is the same whatever the thread count.
-    fn fill_mask(&self, n: usize) -> Vec<u8> {
-        use rand::{RngCore, SeedableRng};
-        let threshold = (self.keep as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
-        let mut mask = vec![0u8; n];
-        mask.par_chunks_mut(ELEMENT_CHUNK)
-            .enumerate()
-            .for_each(|(chunk, mask)| {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-                rng.set_stream(chunk as u64);
-                for m in mask {
-                    *m = u8::from(rng.next_u32() < threshold);
-                }
-            });
-        mask
+/// A keep mask of `n` bytes (1 = kept) with probability `keep`: one ChaCha8 stream of `seed`
+/// per `chunk` elements, so the mask is the same whatever the thread count.
+pub(super) fn keep_mask(n: usize, chunk: usize, keep: f64, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    let mut mask = vec![0u8; n];
+    mask.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(stream, mask)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(stream as u64);
+            for m in mask {
+                *m = u8::from(rng.next_u32() < threshold);
+            }
+        });
+    mask
+}
+
+/// `x` through inverted dropout: scaled when kept, zero when dropped.
+pub(super) fn kept(x: f32, mask: u8, scale: f32) -> f32 {
+    if mask == 1 {
+        x * scale
+    } else {
+        0.0
     }
 }
 
@@ -972,12 +980,12 @@ impl CustomOp1 for Dropout {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, "dropout")?;
-        let mask = self.fill_mask(x.len());
+        let mask = keep_mask(x.len(), ELEMENT_CHUNK, self.keep as f64, self.seed);
         let scale = 1.0 / self.keep;
         let out = x
             .par_iter()
             .zip(mask.par_iter())
-            .map(|(&x, &m)| if m == 1 { x * scale } else { 0.0 })
+            .map(|(&x, &m)| kept(x, m, scale))
             .collect();
         *self
             .mask
@@ -1032,7 +1040,7 @@ impl CustomOp1 for DropoutBackward<'_> {
         let out = grad
             .par_iter()
             .zip(self.mask.par_iter())
-            .map(|(&g, &m)| if m == 1 { g * scale } else { 0.0 })
+            .map(|(&g, &m)| kept(g, m, scale))
             .collect();
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

@@ -11,8 +11,9 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rand::{RngCore, SeedableRng};
 use rayon::prelude::*;
+
+use super::fused::{f32_slice, keep_mask, kept, softmax_in_place};
 
 /// A matrix inside a slice: element `(i, j)` at `offset + i * rs + j * cs`.
 #[derive(Clone, Copy)]
@@ -69,18 +70,6 @@ fn matmul(
             gemm::Parallelism::None,
         );
     }
-}
-
-/// Replaces one row by its softmax.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for y in row.iter_mut() {
-        *y = (*y - max).exp();
-        sum += *y;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|y| *y *= inv);
 }
 
 /// Sizes of one call: `n` rows, `t` queries, `s` keys, `h` query heads sharing `kv` key/value
@@ -181,20 +170,17 @@ impl Attention {
         Ok(Dims { n, t, s, h, kv, d })
     }
 
-    fn bias_rows(&self, dims: Dims) -> candle_core::Result<Option<Vec<f32>>> {
-        let Some(bias) = &self.bias else {
-            return Ok(None);
-        };
-        if bias.dims() != [dims.n, 1, dims.t, dims.s] {
-            candle_core::bail!(
+    fn check_bias(&self, dims: Dims) -> candle_core::Result<()> {
+        match &self.bias {
+            Some(bias) if bias.dims() != [dims.n, 1, dims.t, dims.s] => candle_core::bail!(
                 "attention: mask {:?} for {} rows, {} queries and {} keys",
                 bias.dims(),
                 dims.n,
                 dims.t,
                 dims.s
-            );
+            ),
+            _ => Ok(()),
         }
-        Ok(Some(bias.flatten_all()?.to_vec1::<f32>()?))
     }
 
     fn keep_mask(&self, dims: Dims) -> Vec<u8> {
@@ -202,19 +188,8 @@ impl Attention {
             return Vec::new();
         };
         let keep = (1.0 - dropout.p as f64).clamp(0.0, 1.0);
-        let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
         let block = dims.t * dims.s;
-        let mut mask = vec![0u8; dims.n * dims.h * block];
-        mask.par_chunks_mut(block.max(1))
-            .enumerate()
-            .for_each(|(stream, mask)| {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(dropout.seed);
-                rng.set_stream(stream as u64);
-                for m in mask {
-                    *m = u8::from(rng.next_u32() < threshold);
-                }
-            });
-        mask
+        keep_mask(dims.n * dims.h * block, block, keep, dropout.seed)
     }
 
     fn keep_scale(&self) -> f32 {
@@ -222,14 +197,16 @@ impl Attention {
     }
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("attention: {what} must be f32");
+/// The elements of a contiguous f32 tensor's CPU storage.
+fn tensor_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(storage) = storage else {
+        candle_core::bail!("{what} must be on the CPU");
     };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("attention: {what} must be contiguous"),
-    }
+    f32_slice(storage, layout, what)
 }
 
 /// `[n, h, t, d]` blocks back to `[n, t, h * d]`.
@@ -267,11 +244,16 @@ impl CustomOp3 for Attention {
             candle_core::bail!("attention: keys {:?} but values {:?}", l2.dims(), l3.dims());
         }
         let (q, k, v) = (
-            f32_data(s1, l1, "queries")?,
-            f32_data(s2, l2, "keys")?,
-            f32_data(s3, l3, "values")?,
+            f32_slice(s1, l1, "attention queries")?,
+            f32_slice(s2, l2, "attention keys")?,
+            f32_slice(s3, l3, "attention values")?,
         );
-        let bias = self.bias_rows(dims)?;
+        self.check_bias(dims)?;
+        let bias_storage = self.bias.as_ref().map(Tensor::storage_and_layout);
+        let bias = match &bias_storage {
+            Some((storage, layout)) => Some(tensor_f32(storage, layout, "attention mask")?),
+            None => None,
+        };
         let mask = self.keep_mask(dims);
         let Dims { n, t, s, h, d, .. } = dims;
         let (group, keep_scale, scale) = (dims.group(), self.keep_scale(), self.scale);
@@ -300,7 +282,7 @@ impl CustomOp3 for Attention {
                     let dropped = p
                         .iter()
                         .zip(m)
-                        .map(|(&p, &m)| if m == 1 { p * keep_scale } else { 0.0 })
+                        .map(|(&p, &m)| kept(p, m, keep_scale))
                         .collect();
                     std::borrow::Cow::Owned(dropped)
                 };
@@ -377,15 +359,12 @@ impl CustomOp3 for GradInputs<'_> {
         let AttentionBackward { op, probs, mask } = &self.1;
         let dims = op.dims(l1, l2)?;
         let (q, k, v) = (
-            f32_data(s1, l1, "queries")?,
-            f32_data(s2, l2, "keys")?,
-            f32_data(s3, l3, "values")?,
+            f32_slice(s1, l1, "attention queries")?,
+            f32_slice(s2, l2, "attention keys")?,
+            f32_slice(s3, l3, "attention values")?,
         );
         let (grad_storage, grad_layout) = self.0.storage_and_layout();
-        let candle_core::Storage::Cpu(grad_storage) = &*grad_storage else {
-            candle_core::bail!("attention backward: the gradient must be on the CPU");
-        };
-        let grad = f32_data(grad_storage, grad_layout, "output gradient")?;
+        let grad = tensor_f32(&grad_storage, grad_layout, "attention output gradient")?;
         let Dims { n, t, s, h, kv, d } = dims;
         if probs.len() != n * h * t * s {
             candle_core::bail!("attention backward: the forward's probabilities are missing");
@@ -411,9 +390,11 @@ impl CustomOp3 for GradInputs<'_> {
                     let p = &probs[bh * t * s..(bh + 1) * t * s];
                     let m = (!mask.is_empty()).then(|| &mask[bh * t * s..(bh + 1) * t * s]);
                     match m {
-                        Some(m) => weights.iter_mut().zip(p).zip(m).for_each(|((w, &p), &m)| {
-                            *w = if m == 1 { p * keep_scale } else { 0.0 }
-                        }),
+                        Some(m) => weights
+                            .iter_mut()
+                            .zip(p)
+                            .zip(m)
+                            .for_each(|((w, &p), &m)| *w = kept(p, m, keep_scale)),
                         None => weights.copy_from_slice(p),
                     }
                     let go = dims.query(b, head);
@@ -438,7 +419,7 @@ impl CustomOp3 for GradInputs<'_> {
                     if let Some(m) = m {
                         dp.iter_mut()
                             .zip(m)
-                            .for_each(|(g, &m)| *g = if m == 1 { *g * keep_scale } else { 0.0 });
+                            .for_each(|(g, &m)| *g = kept(*g, m, keep_scale));
                     }
                     // dS = P ∘ (dP − rowsum(dP ∘ P)), in place of dP
                     for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
@@ -518,7 +499,9 @@ pub fn attention(
         heads,
         kv_heads,
         scale: scale as f32,
-        bias: bias.map(|b| b.detach()),
+        bias: bias
+            .map(|b| b.contiguous().map(|b| b.detach()))
+            .transpose()?,
         dropout: dropout.filter(|d| d.p > 0.0),
         saved: Mutex::new(Saved::default()),
     };
