@@ -237,3 +237,94 @@ fn a_frozen_forward_sends_gradient_to_the_input_but_none_to_the_weights() {
         );
     }
 }
+
+/// Scores and every gradient of one forward, with the encoder layers fused or composed.
+fn run_pass(
+    cfg: &TransformerDiscConfig,
+    h: &candle_core::Var,
+    pass: ganpo::disc::layers::Pass,
+) -> (Tensor, BTreeMap<String, Tensor>) {
+    let disc = ganpo::disc::TransformerDisc::new(cfg.clone(), 11, &Device::Cpu).unwrap();
+    let scores = disc.forward_pass(h.as_tensor(), None, pass).unwrap();
+    // A loss that weighs the rows differently, so that no gradient cancels by symmetry.
+    let weights = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+    let grads = scores
+        .mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut named = BTreeMap::new();
+    if let Some(g) = grads.get(h.as_tensor()) {
+        named.insert("input".to_string(), g.clone());
+    }
+    for (name, var) in disc.vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            named.insert(name, g.clone());
+        }
+    }
+    (scores, named)
+}
+
+#[test]
+fn the_fused_encoder_layer_matches_the_composed_one_in_scores_and_every_gradient() {
+    use ganpo::disc::layers::Pass;
+    let cfg = TransformerDiscConfig {
+        d_model: 32,
+        heads: 4,
+        ffn_dim: 48,
+        dropout: 0.25,
+        ..TransformerDiscConfig::new(12)
+    };
+    let h = candle_core::Var::randn(0f32, 1.0, (3, 9, 12), &Device::Cpu).unwrap();
+    let parameters = ganpo::disc::TransformerDisc::new(cfg.clone(), 11, &Device::Cpu)
+        .unwrap()
+        .vars()
+        .len();
+    for (train, frozen) in [(true, false), (false, false), (false, true), (true, true)] {
+        let pass = Pass {
+            train,
+            frozen,
+            composed: false,
+        };
+        let (fused, fused_grads) = run_pass(&cfg, &h, pass);
+        let (composed, composed_grads) = run_pass(
+            &cfg,
+            &h,
+            Pass {
+                composed: true,
+                ..pass
+            },
+        );
+        let what = format!("train {train}, frozen {frozen}");
+        assert!(max_abs_diff(&fused, &composed) < 1e-5, "{what}: scores");
+        let names: Vec<_> = fused_grads.keys().collect();
+        assert_eq!(
+            names,
+            composed_grads.keys().collect::<Vec<_>>(),
+            "{what}: which tensors get a gradient"
+        );
+        // A frozen pass reaches the input only; a trainable one every parameter too.
+        let expected = if frozen { 1 } else { 1 + parameters };
+        assert_eq!(names.len(), expected, "{what}: {names:?}");
+        for (name, g) in &fused_grads {
+            let reference = &composed_grads[name];
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let err = max_abs_diff(g, reference);
+            assert!(
+                err <= 1e-5 * scale.max(1.0),
+                "{what}: gradient of {name} differs by {err} (scale {scale})"
+            );
+            if name.starts_with("encoder") && !name.ends_with("bias") {
+                assert!(scale > 0.0, "{what}: {name} got a zero gradient");
+            }
+        }
+    }
+}

@@ -21,6 +21,9 @@ pub struct Pass {
     pub train: bool,
     /// Parameters enter the graph detached.
     pub frozen: bool,
+    /// Run the transformer's encoder layers as composed candle ops even where the fused
+    /// kernel applies (f32 on the CPU): the reference the kernel is tested against.
+    pub composed: bool,
 }
 
 impl Pass {

@@ -88,7 +88,7 @@ impl MlpDisc {
             mask,
             Pass {
                 train,
-                frozen: false,
+                ..Pass::default()
             },
         )
     }

@@ -1,6 +1,7 @@
 //! GANPO's discriminators: the transformer discriminator of the paper and a small MLP, both
 //! with torch-exact spectral normalisation and differentiable layer norm and softmax.
 
+pub mod fused_layer;
 pub mod layers;
 pub mod mlp;
 pub mod transformer;
@@ -91,12 +92,13 @@ impl Discriminator {
     }
 
     /// Scores with the discriminator frozen: its parameters enter the graph detached, so a
-    /// backward reaches the input states but none of its weights (GANPO's generator term).
-    /// `train` still enables dropout and the power iteration, as in the reference code.
+    /// backward reaches the input states but none of its weights (GANPO's generator term,
+    /// which the reference code computes in eval mode: `train` false).
     pub fn forward_frozen(&self, h: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let pass = layers::Pass {
             train,
             frozen: true,
+            composed: false,
         };
         match self {
             Self::Transformer(d) => d.forward_pass(h, mask, pass),

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::fused_layer::{self, EncoderLayerSpec};
 use super::layers::{
     dropout, dropout_seed, gelu, linear, normal, softmax_last, xavier_uniform, LayerNorm, Pass,
     SnLinear,
@@ -175,6 +176,9 @@ impl EncoderLayer {
         rng: &Mutex<ChaCha8Rng>,
     ) -> Result<Tensor> {
         let p = if pass.train { self.dropout } else { 0.0 };
+        if fused::supported(x) && !pass.composed {
+            return self.fused_forward(x, heads, pass, p, rng);
+        }
         let attended = self.attention(&self.norm1.forward(x, pass)?, heads, pass, p, rng)?;
         let x = x.add(&dropout(&attended, p, rng)?)?;
 
@@ -190,6 +194,56 @@ impl EncoderLayer {
             Some(&pass.param(&self.linear2_bias)),
         )?;
         Ok(x.add(&dropout(&out, p, rng)?)?)
+    }
+
+    /// [`EncoderLayer::forward`] as one fused node: the parameters concatenated in
+    /// [`fused_layer::FLAT_ORDER`], dropout seeds drawn in the composed layer's order.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pass: Pass,
+        p: f64,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let tensors = [
+            &self.in_proj_weight,
+            &self.in_proj_bias,
+            &self.out_proj_weight,
+            &self.out_proj_bias,
+            &self.linear1_weight,
+            &self.linear1_bias,
+            &self.linear2_weight,
+            &self.linear2_bias,
+            &self.norm1.weight,
+            &self.norm1.bias,
+            &self.norm2.weight,
+            &self.norm2.bias,
+        ]
+        .map(|var| pass.param(var).flatten_all());
+        let flat = Tensor::cat(
+            &tensors
+                .into_iter()
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        let dropout = if p > 0.0 {
+            let mut seeds = [0u64; 4];
+            for seed in &mut seeds {
+                *seed = dropout_seed(rng)?;
+            }
+            Some((p, seeds))
+        } else {
+            None
+        };
+        let spec = EncoderLayerSpec {
+            d: self.out_proj_weight.dim(0)?,
+            heads,
+            ffn: self.linear1_weight.dim(0)?,
+            eps: (self.norm1.eps, self.norm2.eps),
+            dropout,
+        };
+        Ok(fused_layer::encoder_layer(x, &flat, spec)?)
     }
 
     fn vars(&self, prefix: &str) -> Vec<(String, Var)> {
@@ -285,7 +339,7 @@ impl TransformerDisc {
             mask,
             Pass {
                 train,
-                frozen: false,
+                ..Pass::default()
             },
         )
     }

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use super::config::Activation;
+use super::fastmath;
 
 /// Whether the fused kernels can run on `x` (f32 on the CPU).
 pub fn supported(x: &Tensor) -> bool {
@@ -19,7 +20,7 @@ pub fn supported(x: &Tensor) -> bool {
 }
 
 /// The elements of a contiguous f32 CPU storage.
-pub(super) fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &str,
@@ -33,8 +34,21 @@ pub(super) fn f32_slice<'a>(
     }
 }
 
+/// The elements of a contiguous f32 tensor's storage, which must be on the CPU (for a
+/// backward that reads tensors rather than storages).
+pub(crate) fn tensor_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(storage) = storage else {
+        candle_core::bail!("{what} must be on the CPU");
+    };
+    f32_slice(storage, layout, what)
+}
+
 /// Rows per parallel task: enough work to amortise scheduling.
-fn chunk_rows(width: usize) -> usize {
+pub(crate) fn chunk_rows(width: usize) -> usize {
     (16384 / width.max(1)).max(1)
 }
 
@@ -121,14 +135,12 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Replaces one row by its softmax.
-pub(super) fn softmax_in_place(row: &mut [f32]) {
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for y in row.iter_mut() {
-        *y = (*y - max).exp();
-        sum += *y;
+        *y = fastmath::exp(*y - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / fastmath::sum(row);
     row.iter_mut().for_each(|y| *y *= inv);
 }
 
@@ -426,29 +438,15 @@ impl CustomOp2 for Linear {
         let rows = x.len() / features.max(1);
         let mut y = vec![0f32; rows * out];
         // y [rows, out] = x [rows, features] · Wᵀ, Wᵀ read through W's strides.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out,
-                features,
-                y.as_mut_ptr(),
-                1,
-                out as isize,
-                false,
-                x.as_ptr(),
-                1,
-                features as isize,
-                w.as_ptr(),
-                features as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
+        matmul(
+            (rows, out, features),
+            &mut y,
+            false,
+            (x, View::dense(0, features)),
+            (w, View::dense(0, features).t()),
+            1.0,
+            parallelism(),
+        );
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("checked above") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -532,10 +530,103 @@ impl CustomOp3 for LinearBias {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
+/// Both threads' worth of gemm parallelism (none on one thread).
+pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// A matrix inside a slice: element `(i, j)` at `offset + i * rs + j * cs`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct View {
+    pub offset: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// Row-major `[rows, cols]` at `offset`.
+    pub fn dense(offset: usize, cols: usize) -> Self {
+        Self {
+            offset,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of this view.
+    pub fn t(self) -> Self {
+        Self {
+            offset: self.offset,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// The element one past the last one a `[rows, cols]` matrix addresses.
+    fn end(self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            return 0;
+        }
+        self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs + 1
+    }
+}
+
+/// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]` on strided views; `dst` is row-major with row
+/// stride `n`. Bounds are checked here, so callers need no `unsafe`.
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, l): (&[f32], View),
+    (rhs, r): (&[f32], View),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        k == 0 || l.end(m, k) <= lhs.len(),
+        "matmul: lhs out of range"
+    );
+    assert!(
+        k == 0 || r.end(k, n) <= rhs.len(),
+        "matmul: rhs out of range"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element the views address inside their slices,
+    // and `dst` is a distinct, exclusively borrowed buffer of at least m × n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.offset),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
@@ -559,29 +650,20 @@ struct Gated {
 /// `act(x)` and `act'(x)`.
 fn activation_and_slope(activation: Activation, x: f32) -> (f32, f32) {
     match activation {
-        Activation::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
-            (x * s, s * (1.0 + x * (1.0 - s)))
-        }
+        Activation::Silu => fastmath::silu(x),
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
             const A: f32 = 0.044_715;
-            let t = (C * (x + A * x * x * x)).tanh();
+            let t = fastmath::tanh(C * (x + A * x * x * x));
             let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x);
             (0.5 * x * (1.0 + t), slope)
         }
-        Activation::GeluErf => {
-            const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-            let cdf =
-                0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-            let density = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-            (x * cdf, cdf + x * density)
-        }
+        Activation::GeluErf => fastmath::gelu_erf(x),
     }
 }
 
 /// Elements per parallel task of the elementwise kernels.
-const ELEMENT_CHUNK: usize = 16384;
+pub(crate) const ELEMENT_CHUNK: usize = 16384;
 
 impl CustomOp2 for Gated {
     fn name(&self) -> &'static str {
@@ -792,6 +874,53 @@ fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// One row of torch's `LayerNorm`: `y = (x − mean) · rstd · w + b`.
+pub(crate) fn layer_norm_row(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, y: &mut [f32]) {
+    let (mean, rstd) = row_moments(x, eps);
+    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *y = (x - mean) * rstd * w + b;
+    }
+}
+
+/// The backward of [`layer_norm_row`] for the output gradient `g`: writes `dx` (or adds to it
+/// when the flag is set) and, when given, adds the row's `dw` to `dwb[..width]` and `db` to
+/// `dwb[width..]`. The moments are recomputed from `x`.
+pub(crate) fn layer_norm_row_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    (dx, accumulate): (&mut [f32], bool),
+    dwb: Option<&mut [f32]>,
+) {
+    let width = x.len();
+    let (mean, rstd) = row_moments(x, eps);
+    let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f32, 0f32);
+    for i in 0..width {
+        let xhat = (x[i] - mean) * rstd;
+        let dxhat = g[i] * w[i];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat;
+    }
+    if let Some(dwb) = dwb {
+        let (dw, db) = dwb.split_at_mut(width);
+        for i in 0..width {
+            dw[i] += g[i] * (x[i] - mean) * rstd;
+            db[i] += g[i];
+        }
+    }
+    let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat / width as f32, sum_dxhat_xhat / width as f32);
+    for i in 0..width {
+        let xhat = (x[i] - mean) * rstd;
+        let d = rstd * (g[i] * w[i] - mean_dxhat - xhat * mean_dxhat_xhat);
+        if accumulate {
+            dx[i] += d;
+        } else {
+            dx[i] = d;
+        }
+    }
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "ganpo-layer-norm"
@@ -825,10 +954,7 @@ impl CustomOp3 for LayerNorm {
             .zip(x.par_chunks(rows))
             .for_each(|(out, x)| {
                 for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
-                    let (mean, rstd) = row_moments(x, eps);
-                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *y = (x - mean) * rstd * w + b;
-                    }
+                    layer_norm_row(x, (w, b), eps, y);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -896,22 +1022,7 @@ impl CustomOp3 for LayerNormBackward {
                     .zip(x.chunks(width))
                     .zip(g.chunks(width))
                 {
-                    let (mean, rstd) = row_moments(x, eps);
-                    let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f32, 0f32);
-                    for i in 0..width {
-                        let xhat = (x[i] - mean) * rstd;
-                        let dxhat = g[i] * w[i];
-                        sum_dxhat += dxhat;
-                        sum_dxhat_xhat += dxhat * xhat;
-                        dwb[i] += g[i] * xhat;
-                        dwb[width + i] += g[i];
-                    }
-                    let (mean_dxhat, mean_dxhat_xhat) =
-                        (sum_dxhat / width as f32, sum_dxhat_xhat / width as f32);
-                    for i in 0..width {
-                        let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (g[i] * w[i] - mean_dxhat - xhat * mean_dxhat_xhat);
-                    }
+                    layer_norm_row_backward(x, w, g, eps, (dx, false), Some(&mut dwb));
                 }
                 dwb
             })
@@ -944,7 +1055,7 @@ struct Dropout {
 
 /// A keep mask of `n` bytes (1 = kept) with probability `keep`: one ChaCha8 stream of `seed`
 /// per `chunk` elements, so the mask is the same whatever the thread count.
-pub(super) fn keep_mask(n: usize, chunk: usize, keep: f64, seed: u64) -> Vec<u8> {
+pub(crate) fn keep_mask(n: usize, chunk: usize, keep: f64, seed: u64) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};
     let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
     let mut mask = vec![0u8; n];
@@ -961,7 +1072,7 @@ pub(super) fn keep_mask(n: usize, chunk: usize, keep: f64, seed: u64) -> Vec<u8>
 }
 
 /// `x` through inverted dropout: scaled when kept, zero when dropped.
-pub(super) fn kept(x: f32, mask: u8, scale: f32) -> f32 {
+pub(crate) fn kept(x: f32, mask: u8, scale: f32) -> f32 {
     if mask == 1 {
         x * scale
     } else {

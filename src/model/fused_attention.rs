@@ -13,75 +13,36 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{f32_slice, keep_mask, kept, softmax_in_place};
+use super::fused::{f32_slice, keep_mask, kept, matmul, softmax_in_place, tensor_f32, View};
 
-/// A matrix inside a slice: element `(i, j)` at `offset + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct View {
-    offset: usize,
-    rs: usize,
-    cs: usize,
+/// Where one of q, k, v (or an output) lies in its slice: element `(b, position i, head,
+/// j)` at `offset + (b * len + i) * rs + head * d + j`, `len` being `t` for queries and
+/// outputs, `s` for keys and values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strided {
+    pub offset: usize,
+    pub rs: usize,
 }
 
-/// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]` on strided views, single-threaded (the callers
-/// parallelise over heads). `dst` is row-major with row stride `n`.
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    (lhs, l): (&[f32], View),
-    (rhs, r): (&[f32], View),
-    beta: f32,
-) {
-    let last = |v: View, rows: usize, cols: usize| {
-        v.offset + rows.saturating_sub(1) * v.rs + cols.saturating_sub(1) * v.cs
-    };
-    assert!(dst.len() >= m * n, "attention: destination too small");
-    assert!(
-        m == 0 || k == 0 || last(l, m, k) < lhs.len(),
-        "attention: lhs out of range"
-    );
-    assert!(
-        k == 0 || n == 0 || last(r, k, n) < rhs.len(),
-        "attention: rhs out of range"
-    );
-    // SAFETY: the asserts above keep every element the views address inside their slices,
-    // and `dst` is a distinct, exclusively borrowed buffer of at least m × n elements.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr().add(l.offset),
-            l.cs as isize,
-            l.rs as isize,
-            rhs.as_ptr().add(r.offset),
-            r.cs as isize,
-            r.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+/// The layout of queries, keys and values: separate `[n, t, h, d]` and `[n, s, kv, d]`
+/// tensors, or row blocks of one packed projection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Packing {
+    pub q: Strided,
+    pub k: Strided,
+    pub v: Strided,
 }
 
 /// Sizes of one call: `n` rows, `t` queries, `s` keys, `h` query heads sharing `kv` key/value
 /// heads in groups of `h / kv`, head width `d`.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    n: usize,
-    t: usize,
-    s: usize,
-    h: usize,
-    kv: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub n: usize,
+    pub t: usize,
+    pub s: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub d: usize,
 }
 
 impl Dims {
@@ -89,42 +50,246 @@ impl Dims {
         self.h / self.kv
     }
 
-    /// Query (or output) head `head` of row `b`: `[t, d]`.
-    fn query(&self, b: usize, head: usize) -> View {
+    /// q, k and v as three tensors of their own.
+    pub fn separate(&self) -> Packing {
+        Packing {
+            q: Strided {
+                offset: 0,
+                rs: self.h * self.d,
+            },
+            k: Strided {
+                offset: 0,
+                rs: self.kv * self.d,
+            },
+            v: Strided {
+                offset: 0,
+                rs: self.kv * self.d,
+            },
+        }
+    }
+
+    /// Head `head` of row `b` of a `len`-position input laid out as `at`: `[len, d]`.
+    fn head(&self, at: Strided, len: usize, b: usize, head: usize) -> View {
         View {
-            offset: (b * self.t * self.h + head) * self.d,
+            offset: at.offset + b * len * at.rs + head * self.d,
+            rs: at.rs,
+            cs: 1,
+        }
+    }
+
+    /// Head `head` of row `b` of the output (or its gradient), `[n, t, h * d]`.
+    fn out(&self, b: usize, head: usize) -> View {
+        let rows = Strided {
+            offset: 0,
             rs: self.h * self.d,
-            cs: 1,
-        }
+        };
+        self.head(rows, self.t, b, head)
     }
 
-    /// Key (or value) head `head` of row `b`: `[s, d]`.
-    fn key(&self, b: usize, head: usize) -> View {
-        View {
-            offset: (b * self.s * self.kv + head) * self.d,
-            rs: self.kv * self.d,
-            cs: 1,
+    /// Elements a slice holding `at` for `len` positions must have.
+    fn extent(&self, at: Strided, len: usize, heads: usize) -> usize {
+        if self.n * len == 0 {
+            return 0;
         }
+        at.offset + (self.n * len - 1) * at.rs + heads * self.d
     }
 
-    /// The transpose of a view.
-    fn t(v: View) -> View {
-        View {
-            offset: v.offset,
-            rs: v.cs,
-            cs: v.rs,
+    fn check(&self, (q, k, v): (&[f32], &[f32], &[f32]), at: Packing) {
+        assert!(
+            q.len() >= self.extent(at.q, self.t, self.h)
+                && k.len() >= self.extent(at.k, self.s, self.kv)
+                && v.len() >= self.extent(at.v, self.s, self.kv),
+            "attention: q, k or v smaller than their layout"
+        );
+    }
+}
+
+/// Attention's forward on raw slices: the output `[n, t, h * d]` and the probabilities `[n,
+/// h, t, s]` (before dropout). `bias` is an additive mask `[n, t, s]`; `mask` a keep mask `[n,
+/// h, t, s]` (empty: no dropout), kept weights scaled by `keep_scale`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    dims: Dims,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    at: Packing,
+    bias: Option<&[f32]>,
+    scale: f32,
+    mask: &[u8],
+    keep_scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    dims.check((q, k, v), at);
+    let Dims { n, t, s, h, d, .. } = dims;
+    let group = dims.group();
+    let mut probs = vec![0f32; n * h * t * s];
+    let mut blocks = vec![0f32; n * h * t * d];
+    probs
+        .par_chunks_mut(t * s)
+        .zip(blocks.par_chunks_mut(t * d))
+        .enumerate()
+        .for_each(|(bh, (p, o))| {
+            let (b, head) = (bh / h, bh % h);
+            let qv = dims.head(at.q, t, b, head);
+            let (kv, vv) = (
+                dims.head(at.k, s, b, head / group),
+                dims.head(at.v, s, b, head / group),
+            );
+            matmul((t, s, d), p, false, (q, qv), (k, kv.t()), scale, SERIAL);
+            for (i, row) in p.chunks_mut(s).enumerate() {
+                if let Some(bias) = &bias {
+                    let bias = &bias[(b * t + i) * s..(b * t + i + 1) * s];
+                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                }
+                softmax_in_place(row);
+            }
+            let weights: std::borrow::Cow<[f32]> = if mask.is_empty() {
+                std::borrow::Cow::Borrowed(p)
+            } else {
+                let m = &mask[bh * t * s..(bh + 1) * t * s];
+                let dropped = p
+                    .iter()
+                    .zip(m)
+                    .map(|(&p, &m)| kept(p, m, keep_scale))
+                    .collect();
+                std::borrow::Cow::Owned(dropped)
+            };
+            let w = View::dense(0, s);
+            matmul((t, d, s), o, false, (&weights, w), (v, vv), 1.0, SERIAL);
+        });
+    (heads_to_rows(&blocks, dims), probs)
+}
+
+/// Attention's backward on raw slices: from the output gradient `grad` `[n, t, h * d]` and
+/// the forward's `probs` and `mask`, writes dq, dk and dv into `dst` laid out as `dst_at`
+/// (every element of those three is written).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    dims: Dims,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    at: Packing,
+    grad: &[f32],
+    (probs, mask): (&[f32], &[u8]),
+    scale: f32,
+    keep_scale: f32,
+    (dst, dst_at): (&mut [f32], Packing),
+) {
+    dims.check((q, k, v), at);
+    let Dims { n, t, s, h, kv, d } = dims;
+    assert_eq!(
+        probs.len(),
+        n * h * t * s,
+        "attention backward: probabilities"
+    );
+    assert!(
+        grad.len() >= n * t * h * d,
+        "attention backward: output gradient"
+    );
+    let group = dims.group();
+
+    // One task per (row, key/value head): it owns that head's dk, dv and its queries' dq.
+    let block = group * t * d + 2 * s * d;
+    let mut parts = vec![0f32; n * kv * block];
+    parts
+        .par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(bk, part)| {
+            let (b, kvh) = (bk / kv, bk % kv);
+            let (dq_all, rest) = part.split_at_mut(group * t * d);
+            let (dk, dv) = rest.split_at_mut(s * d);
+            let (kview, vview) = (dims.head(at.k, s, b, kvh), dims.head(at.v, s, b, kvh));
+            let mut dp = vec![0f32; t * s];
+            let mut weights = vec![0f32; t * s];
+            for g in 0..group {
+                let head = kvh * group + g;
+                let bh = b * h + head;
+                let p = &probs[bh * t * s..(bh + 1) * t * s];
+                let m = (!mask.is_empty()).then(|| &mask[bh * t * s..(bh + 1) * t * s]);
+                match m {
+                    Some(m) => weights
+                        .iter_mut()
+                        .zip(p)
+                        .zip(m)
+                        .for_each(|((w, &p), &m)| *w = kept(p, m, keep_scale)),
+                    None => weights.copy_from_slice(p),
+                }
+                let go = dims.out(b, head);
+                let dense = View::dense(0, s);
+                // dv += weightsᵀ · dO
+                let wt = (&weights[..], dense.t());
+                matmul((s, d, t), dv, true, wt, (grad, go), 1.0, SERIAL);
+                // dP = dO · vᵀ, through the dropout mask
+                matmul(
+                    (t, s, d),
+                    &mut dp,
+                    false,
+                    (grad, go),
+                    (v, vview.t()),
+                    1.0,
+                    SERIAL,
+                );
+                if let Some(m) = m {
+                    dp.iter_mut()
+                        .zip(m)
+                        .for_each(|(g, &m)| *g = kept(*g, m, keep_scale));
+                }
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), in place of dP
+                for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
+                    let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
+                    dp.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+                }
+                // dq = scale · dS · k ;  dk += scale · dSᵀ · q
+                let dq = &mut dq_all[g * t * d..(g + 1) * t * d];
+                matmul(
+                    (t, d, s),
+                    dq,
+                    false,
+                    (&dp, dense),
+                    (k, kview),
+                    scale,
+                    SERIAL,
+                );
+                let qv = dims.head(at.q, t, b, head);
+                matmul(
+                    (s, d, t),
+                    dk,
+                    true,
+                    (&dp, dense.t()),
+                    (q, qv),
+                    scale,
+                    SERIAL,
+                );
+            }
+        });
+
+    // Scatter the per-task blocks into dq, dk and dv of `dst` (serially: in a packed layout
+    // the three share destination rows; it is a few milliseconds of copying).
+    let mut write = |at: Strided, row: usize, head: usize, src: usize| {
+        let o = at.offset + row * at.rs + head * d;
+        dst[o..o + d].copy_from_slice(&parts[src..src + d]);
+    };
+    for row in 0..n * t {
+        let (b, i) = (row / t, row % t);
+        for head in 0..h {
+            let (kvh, g) = (head / group, head % group);
+            write(
+                dst_at.q,
+                row,
+                head,
+                (b * kv + kvh) * block + (g * t + i) * d,
+            );
         }
     }
-
-    /// Row-major `[rows, cols]` at `offset`.
-    fn dense(offset: usize, cols: usize) -> View {
-        View {
-            offset,
-            rs: cols,
-            cs: 1,
+    for row in 0..n * s {
+        let (b, j) = (row / s, row % s);
+        for kvh in 0..kv {
+            let base = (b * kv + kvh) * block + group * t * d + j * d;
+            write(dst_at.k, row, kvh, base);
+            write(dst_at.v, row, kvh, base + s * d);
         }
     }
 }
+
+/// Single-threaded products: the attention kernels parallelise over heads themselves.
+const SERIAL: gemm::Parallelism = gemm::Parallelism::None;
 
 /// Inverted dropout on the attention probabilities.
 #[derive(Clone, Copy, Debug)]
@@ -197,18 +362,6 @@ impl Attention {
     }
 }
 
-/// The elements of a contiguous f32 tensor's CPU storage.
-fn tensor_f32<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(storage) = storage else {
-        candle_core::bail!("{what} must be on the CPU");
-    };
-    f32_slice(storage, layout, what)
-}
-
 /// `[n, h, t, d]` blocks back to `[n, t, h * d]`.
 fn heads_to_rows(blocks: &[f32], dims: Dims) -> Vec<f32> {
     let Dims { t, h, d, .. } = dims;
@@ -255,48 +408,16 @@ impl CustomOp3 for Attention {
             None => None,
         };
         let mask = self.keep_mask(dims);
-        let Dims { n, t, s, h, d, .. } = dims;
-        let (group, keep_scale, scale) = (dims.group(), self.keep_scale(), self.scale);
-
-        let mut probs = vec![0f32; n * h * t * s];
-        let mut blocks = vec![0f32; n * h * t * d];
-        probs
-            .par_chunks_mut(t * s)
-            .zip(blocks.par_chunks_mut(t * d))
-            .enumerate()
-            .for_each(|(bh, (p, o))| {
-                let (b, head) = (bh / h, bh % h);
-                let (qv, kv) = (dims.query(b, head), dims.key(b, head / group));
-                matmul((t, s, d), p, false, (q, qv), (k, Dims::t(kv)), scale);
-                for (i, row) in p.chunks_mut(s).enumerate() {
-                    if let Some(bias) = &bias {
-                        let bias = &bias[(b * t + i) * s..(b * t + i + 1) * s];
-                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-                    }
-                    softmax_in_place(row);
-                }
-                let weights: std::borrow::Cow<[f32]> = if mask.is_empty() {
-                    std::borrow::Cow::Borrowed(p)
-                } else {
-                    let m = &mask[bh * t * s..(bh + 1) * t * s];
-                    let dropped = p
-                        .iter()
-                        .zip(m)
-                        .map(|(&p, &m)| kept(p, m, keep_scale))
-                        .collect();
-                    std::borrow::Cow::Owned(dropped)
-                };
-                matmul(
-                    (t, d, s),
-                    o,
-                    false,
-                    (&weights, Dims::dense(0, s)),
-                    (v, kv),
-                    1.0,
-                );
-            });
-
-        let out = heads_to_rows(&blocks, dims);
+        let (out, probs) = forward(
+            dims,
+            (q, k, v),
+            dims.separate(),
+            bias,
+            self.scale,
+            &mask,
+            self.keep_scale(),
+        );
+        let Dims { n, t, h, d, .. } = dims;
         *self
             .saved
             .lock()
@@ -369,113 +490,31 @@ impl CustomOp3 for GradInputs<'_> {
         if probs.len() != n * h * t * s {
             candle_core::bail!("attention backward: the forward's probabilities are missing");
         }
-        let (group, keep_scale, scale) = (dims.group(), op.keep_scale(), op.scale);
-
-        // One task per (row, key/value head): it owns that head's dk, dv and its queries' dq.
-        let block = group * t * d + 2 * s * d;
-        let mut parts = vec![0f32; n * kv * block];
-        parts
-            .par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(bk, part)| {
-                let (b, kvh) = (bk / kv, bk % kv);
-                let (dq_all, rest) = part.split_at_mut(group * t * d);
-                let (dk, dv) = rest.split_at_mut(s * d);
-                let (kview, vview) = (dims.key(b, kvh), dims.key(b, kvh));
-                let mut dp = vec![0f32; t * s];
-                let mut weights = vec![0f32; t * s];
-                for g in 0..group {
-                    let head = kvh * group + g;
-                    let bh = b * h + head;
-                    let p = &probs[bh * t * s..(bh + 1) * t * s];
-                    let m = (!mask.is_empty()).then(|| &mask[bh * t * s..(bh + 1) * t * s]);
-                    match m {
-                        Some(m) => weights
-                            .iter_mut()
-                            .zip(p)
-                            .zip(m)
-                            .for_each(|((w, &p), &m)| *w = kept(p, m, keep_scale)),
-                        None => weights.copy_from_slice(p),
-                    }
-                    let go = dims.query(b, head);
-                    // dv += weightsᵀ · dO
-                    matmul(
-                        (s, d, t),
-                        dv,
-                        true,
-                        (&weights, Dims::t(Dims::dense(0, s))),
-                        (grad, go),
-                        1.0,
-                    );
-                    // dP = dO · vᵀ, through the dropout mask
-                    matmul(
-                        (t, s, d),
-                        &mut dp,
-                        false,
-                        (grad, go),
-                        (v, Dims::t(vview)),
-                        1.0,
-                    );
-                    if let Some(m) = m {
-                        dp.iter_mut()
-                            .zip(m)
-                            .for_each(|(g, &m)| *g = kept(*g, m, keep_scale));
-                    }
-                    // dS = P ∘ (dP − rowsum(dP ∘ P)), in place of dP
-                    for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                        let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
-                        dp.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
-                    }
-                    // dq = scale · dS · k ;  dk += scale · dSᵀ · q
-                    let dq = &mut dq_all[g * t * d..(g + 1) * t * d];
-                    matmul(
-                        (t, d, s),
-                        dq,
-                        false,
-                        (&dp, Dims::dense(0, s)),
-                        (k, kview),
-                        scale,
-                    );
-                    let qv = dims.query(b, head);
-                    matmul(
-                        (s, d, t),
-                        dk,
-                        true,
-                        (&dp, Dims::t(Dims::dense(0, s))),
-                        (q, qv),
-                        scale,
-                    );
-                }
-            });
-
-        // Scatter into [dq (n, t, h, d) | dk (n, s, kv, d) | dv (n, s, kv, d)].
+        // One buffer [dq (n, t, h, d) | dk (n, s, kv, d) | dv (n, s, kv, d)].
         let (nq, nk) = (n * t * h * d, n * s * kv * d);
         let mut out = vec![0f32; nq + 2 * nk];
-        let (dq_out, dkv_out) = out.split_at_mut(nq);
-        let (dk_out, dv_out) = dkv_out.split_at_mut(nk);
-        dq_out
-            .par_chunks_mut(h * d)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (b, i) = (row / t, row % t);
-                for head in 0..h {
-                    let (kvh, g) = (head / group, head % group);
-                    let src = (b * kv + kvh) * block + (g * t + i) * d;
-                    dst[head * d..(head + 1) * d].copy_from_slice(&parts[src..src + d]);
-                }
-            });
-        for (which, dst_all) in [(0, dk_out), (1, dv_out)] {
-            dst_all
-                .par_chunks_mut(kv * d)
-                .enumerate()
-                .for_each(|(row, dst)| {
-                    let (b, j) = (row / s, row % s);
-                    for kvh in 0..kv {
-                        let src = (b * kv + kvh) * block + group * t * d + which * s * d + j * d;
-                        dst[kvh * d..(kvh + 1) * d].copy_from_slice(&parts[src..src + d]);
-                    }
-                });
-        }
+        let separate = dims.separate();
+        let dst_at = Packing {
+            q: separate.q,
+            k: Strided {
+                offset: nq,
+                ..separate.k
+            },
+            v: Strided {
+                offset: nq + nk,
+                ..separate.v
+            },
+        };
+        backward(
+            dims,
+            (q, k, v),
+            separate,
+            grad,
+            (probs, mask),
+            op.scale,
+            op.keep_scale(),
+            (&mut out, dst_at),
+        );
         Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
     }
 }

@@ -8,6 +8,7 @@
 pub mod alloc;
 pub mod config;
 mod decoder;
+pub mod fastmath;
 pub mod fused;
 pub mod fused_attention;
 pub mod generate;

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::model::fastmath;
 use crate::{Error, Result};
 
 /// Per-sequence log-probabilities of the completion tokens.
@@ -215,7 +216,16 @@ fn logsumexp(row: &[f32]) -> f32 {
     if !max.is_finite() {
         return max;
     }
-    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+    // f32 exponentials summed in blocks, the blocks accumulated in f64.
+    let mut sum = 0f64;
+    let mut block = [0f32; 1024];
+    for chunk in row.chunks(block.len()) {
+        let block = &mut block[..chunk.len()];
+        for (e, &x) in block.iter_mut().zip(chunk) {
+            *e = fastmath::exp(x - max);
+        }
+        sum += fastmath::sum(block) as f64;
+    }
     max + sum.ln() as f32
 }
 
@@ -340,7 +350,7 @@ impl CustomOp3 for TokenLogpsGrad {
                 logsumexp(row)
             };
             for (o, &x) in out.iter_mut().zip(row.iter()) {
-                *o = -g * (x - lse).exp();
+                *o = -g * fastmath::exp(x - lse);
             }
             out[label] += g;
             Ok(())

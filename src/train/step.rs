@@ -425,6 +425,9 @@ impl DiscInputs {
 /// The generator term `L_G` with both discriminators frozen, its metrics, and
 /// `λ · ∂L_G/∂h` for the policy states `h` `[2m, T, d]` (chosen rows first).
 ///
+/// The discriminators score in eval mode (no dropout, spectral norm from the stored vectors
+/// without a power iteration), as the reference code's `compute_loss` runs them.
+///
 /// The gradient is taken through the discriminators here, on a detached copy of the states,
 /// and their graph is dropped before the policy's backward.
 fn generator_gradient(
@@ -443,12 +446,12 @@ fn generator_gradient(
     let d_c = adversary.chosen.forward_frozen(
         &d.halves(h.as_tensor(), true)?,
         mask(true)?.as_ref(),
-        true,
+        false,
     )?;
     let d_r = adversary.rejected.forward_frozen(
         &d.halves(h.as_tensor(), false)?,
         mask(false)?.as_ref(),
-        true,
+        false,
     )?;
     let (g_loss, metrics) = generator_loss(&adversary.means, &d_c, &d_r)?;
     let value = scalar(&g_loss)?;
