@@ -83,7 +83,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    ganpo::model::alloc::keep_freed_memory();
+    ganpo::model::process::setup();
     let args = Args::parse();
     if let Some(case) = &args.child {
         let figures = run_case(case, &args)?;

@@ -112,7 +112,7 @@ fn show(value: &Dynamic) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    ganpo::model::alloc::keep_freed_memory();
+    ganpo::model::process::setup();
     let args = Args::parse();
     let mut config = BTreeMap::new();
     for pair in &args.set {

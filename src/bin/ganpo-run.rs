@@ -89,7 +89,7 @@ fn build_host(args: &Args) -> anyhow::Result<Host> {
 }
 
 fn main() -> ExitCode {
-    ganpo::model::alloc::keep_freed_memory();
+    ganpo::model::process::setup();
     let args = Args::parse();
     match run(&args) {
         Ok(code) => code,

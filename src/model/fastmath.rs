@@ -111,6 +111,16 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
+/// tanh-approximated GELU and its slope: `x (1 + tanh(c (x + a x³))) / 2`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    const A: f32 = 0.044_715;
+    let t = tanh(C * (x + A * x * x * x));
+    let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x);
+    (0.5 * x * (1.0 + t), slope)
+}
+
 /// SiLU and its slope: `x σ(x)` and `σ(x) (1 + x (1 − σ(x)))`.
 #[inline(always)]
 pub fn silu(x: f32) -> (f32, f32) {
@@ -181,15 +191,20 @@ mod tests {
     }
 
     #[test]
-    fn gelu_and_silu_slopes_match_finite_differences() {
+    fn activations_and_their_slopes_match_f64_and_finite_differences() {
         for x in grid(-8.0, 8.0, 1600) {
             let x64 = x as f64;
             let gelu64 = |v: f64| 0.5 * v * (1.0 + erf64(v / std::f64::consts::SQRT_2));
             let silu64 = |v: f64| v / (1.0 + (-v).exp());
+            let tanh64 = |v: f64| {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
+            };
             let h = 1e-4;
             for (name, (value, slope), f) in [
                 ("gelu", gelu_erf(x), &gelu64 as &dyn Fn(f64) -> f64),
                 ("silu", silu(x), &silu64),
+                ("gelu_tanh", gelu_tanh(x), &tanh64),
             ] {
                 assert!((value as f64 - f(x64)).abs() < 1e-6, "{name}({x})");
                 let numeric = (f(x64 + h) - f(x64 - h)) / (2.0 * h);

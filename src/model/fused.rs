@@ -647,19 +647,26 @@ struct Gated {
     activation: Activation,
 }
 
-/// `act(x)` and `act'(x)`.
-fn activation_and_slope(activation: Activation, x: f32) -> (f32, f32) {
-    match activation {
-        Activation::Silu => fastmath::silu(x),
-        Activation::GeluTanh => {
-            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-            const A: f32 = 0.044_715;
-            let t = fastmath::tanh(C * (x + A * x * x * x));
-            let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x);
-            (0.5 * x * (1.0 + t), slope)
+/// Runs `$body` with `$act` bound to the function giving `act(x)` and `act'(x)` of
+/// `$activation`: the match happens once, outside the loops in `$body`, and each arm's loops
+/// call a known function that inlines and vectorises.
+macro_rules! with_activation {
+    ($activation:expr, $act:ident => $body:expr) => {
+        match $activation {
+            Activation::Silu => {
+                let $act = fastmath::silu;
+                $body
+            }
+            Activation::GeluTanh => {
+                let $act = fastmath::gelu_tanh;
+                $body
+            }
+            Activation::GeluErf => {
+                let $act = fastmath::gelu_erf;
+                $body
+            }
         }
-        Activation::GeluErf => fastmath::gelu_erf(x),
-    }
+    };
 }
 
 /// Elements per parallel task of the elementwise kernels.
@@ -686,18 +693,16 @@ impl CustomOp2 for Gated {
                 l2.dims()
             );
         }
-        let activation = self.activation;
         let mut out = vec![0f32; gate.len()];
-        out.par_chunks_mut(ELEMENT_CHUNK)
-            .zip(
-                gate.par_chunks(ELEMENT_CHUNK)
-                    .zip(up.par_chunks(ELEMENT_CHUNK)),
-            )
-            .for_each(|(out, (gate, up))| {
-                for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *y = activation_and_slope(activation, g).0 * u;
-                }
-            });
+        let chunks = out.par_chunks_mut(ELEMENT_CHUNK).zip(
+            gate.par_chunks(ELEMENT_CHUNK)
+                .zip(up.par_chunks(ELEMENT_CHUNK)),
+        );
+        with_activation!(self.activation, act => chunks.for_each(|(out, (gate, up))| {
+            for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *y = act(g).0 * u;
+            }
+        }));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -745,24 +750,25 @@ impl CustomOp3 for GatedBackward {
         let up = f32_slice(s2, l2, "gated activation backward")?;
         let grad = f32_slice(s3, l3, "gated activation backward")?;
         let n = gate.len();
-        let activation = self.activation;
         let mut out = vec![0f32; 2 * n];
         let (d_gate, d_up) = out.split_at_mut(n);
-        d_gate
+        let chunks = d_gate
             .par_chunks_mut(ELEMENT_CHUNK)
             .zip(d_up.par_chunks_mut(ELEMENT_CHUNK))
             .zip(gate.par_chunks(ELEMENT_CHUNK))
             .zip(
                 up.par_chunks(ELEMENT_CHUNK)
                     .zip(grad.par_chunks(ELEMENT_CHUNK)),
-            )
-            .for_each(|(((d_gate, d_up), gate), (up, grad))| {
+            );
+        with_activation!(self.activation, act => chunks.for_each(
+            |(((d_gate, d_up), gate), (up, grad))| {
                 for i in 0..gate.len() {
-                    let (act, slope) = activation_and_slope(activation, gate[i]);
+                    let (value, slope) = act(gate[i]);
                     d_gate[i] = grad[i] * up[i] * slope;
-                    d_up[i] = grad[i] * act;
+                    d_up[i] = grad[i] * value;
                 }
-            });
+            }
+        ));
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 }
@@ -793,15 +799,15 @@ impl CustomOp1 for Activate {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, "activation")?;
-        let activation = self.activation;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ELEMENT_CHUNK)
-            .zip(x.par_chunks(ELEMENT_CHUNK))
-            .for_each(|(out, x)| {
-                for (y, &x) in out.iter_mut().zip(x) {
-                    *y = activation_and_slope(activation, x).0;
-                }
-            });
+        let chunks = out
+            .par_chunks_mut(ELEMENT_CHUNK)
+            .zip(x.par_chunks(ELEMENT_CHUNK));
+        with_activation!(self.activation, act => chunks.for_each(|(out, x)| {
+            for (y, &x) in out.iter_mut().zip(x) {
+                *y = act(x).0;
+            }
+        }));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -840,18 +846,16 @@ impl CustomOp2 for ActivateBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "activation backward")?;
         let grad = f32_slice(s2, l2, "activation backward")?;
-        let activation = self.activation;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ELEMENT_CHUNK)
-            .zip(
-                x.par_chunks(ELEMENT_CHUNK)
-                    .zip(grad.par_chunks(ELEMENT_CHUNK)),
-            )
-            .for_each(|(out, (x, grad))| {
-                for ((d, &x), &g) in out.iter_mut().zip(x).zip(grad) {
-                    *d = g * activation_and_slope(activation, x).1;
-                }
-            });
+        let chunks = out.par_chunks_mut(ELEMENT_CHUNK).zip(
+            x.par_chunks(ELEMENT_CHUNK)
+                .zip(grad.par_chunks(ELEMENT_CHUNK)),
+        );
+        with_activation!(self.activation, act => chunks.for_each(|(out, (x, grad))| {
+            for ((d, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+                *d = g * act(x).1;
+            }
+        }));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

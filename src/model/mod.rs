@@ -5,7 +5,6 @@
 //! backward pass. Models load from a folder (config.json + safetensors), a GGUF file, or a
 //! model id in the local Hugging Face cache ([`CausalLm::load`]).
 
-pub mod alloc;
 pub mod config;
 mod decoder;
 pub mod fastmath;
@@ -15,6 +14,7 @@ pub mod generate;
 pub mod layers;
 pub mod load;
 pub mod lora;
+pub mod process;
 pub mod save;
 
 use candle_core::{DType, Device, Tensor};
