@@ -121,7 +121,8 @@ fn without_time(
     lines
         .into_iter()
         .map(|mut l| {
-            l.remove("elapsed_s");
+            // Wall-clock figures: the elapsed time and the step's per-phase seconds.
+            l.retain(|key, _| key != "elapsed_s" && !key.starts_with("time/"));
             l
         })
         .collect()

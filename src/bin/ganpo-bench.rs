@@ -14,6 +14,7 @@
 //! ganpo-bench [--model GGUF] [--data JSON] [--iters N] [--python PATH] [--cases a,b,...]
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -240,7 +241,9 @@ fn step_case(case: &str, args: &Args) -> Result<Value> {
 }
 
 /// DPO and GANPO steps alternated in one process on the same batch, so that a change in the
-/// machine's load between them affects both alike; reports the mean seconds of each.
+/// machine's load between them affects both alike; reports the median seconds of each (one
+/// slow step, from another process on the machine, moves a mean but not a median) and the
+/// mean seconds of each phase.
 fn interleaved_case(args: &Args) -> Result<Value> {
     let policy = load(&args.model, true)?.model;
     let reference = policy.frozen_copy()?;
@@ -253,7 +256,9 @@ fn interleaved_case(args: &Args) -> Result<Value> {
     let mut optimizer = AdamW::new(policy.vars(), adamw)?;
     let mut adversary = adversary(policy.config().hidden_size)?;
 
-    let (mut dpo_s, mut ganpo_s) = (0.0, 0.0);
+    let (mut dpo_s, mut ganpo_s) = (Vec::new(), Vec::new());
+    // Seconds of each phase (`time/…` metrics), summed over the timed steps.
+    let mut phases: BTreeMap<String, [f64; 2]> = BTreeMap::new();
     for step in 0..=args.iters.max(1) {
         let inputs = StepInputs {
             policy: &policy,
@@ -263,10 +268,10 @@ fn interleaved_case(args: &Args) -> Result<Value> {
             step,
         };
         let start = Instant::now();
-        dpo_step(&inputs, &mut optimizer, &DpoStepConfig::default())?;
+        let dpo_metrics = dpo_step(&inputs, &mut optimizer, &DpoStepConfig::default())?;
         let dpo = start.elapsed().as_secs_f64();
         let start = Instant::now();
-        ganpo_step(
+        let ganpo_metrics = ganpo_step(
             &inputs,
             &mut optimizer,
             &mut adversary,
@@ -274,15 +279,36 @@ fn interleaved_case(args: &Args) -> Result<Value> {
         )?;
         let ganpo = start.elapsed().as_secs_f64();
         if step > 0 {
-            dpo_s += dpo;
-            ganpo_s += ganpo;
+            dpo_s.push(dpo);
+            ganpo_s.push(ganpo);
+            for (column, metrics) in [dpo_metrics, ganpo_metrics].iter().enumerate() {
+                for (key, seconds) in metrics {
+                    if let Some(phase) = key.strip_prefix("time/") {
+                        phases.entry(phase.to_string()).or_default()[column] += seconds;
+                    }
+                }
+            }
         }
     }
     let iters = args.iters.max(1) as f64;
+    let phases: serde_json::Map<String, Value> = phases
+        .into_iter()
+        .map(|(phase, [dpo, ganpo])| (phase, json!([dpo / iters, ganpo / iters])))
+        .collect();
     Ok(json!({
-        "dpo_seconds_per_step": dpo_s / iters,
-        "ganpo_seconds_per_step": ganpo_s / iters,
+        "dpo_seconds_per_step": median(dpo_s),
+        "ganpo_seconds_per_step": median(ganpo_s),
+        "phases": phases,
     }))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// A rhai-driven DPO loop against the same loop written in Rust, interleaved, on a small random
@@ -603,7 +629,7 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         get("dpo", "seconds_per_step"),
     );
     row(
-        "GANPO step seconds (vs DPO step, alternated)",
+        "GANPO step seconds (vs DPO, alternated, median)",
         get("steps", "ganpo_seconds_per_step"),
         get("steps", "dpo_seconds_per_step"),
     );
@@ -617,6 +643,13 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         get("script", "script_seconds_per_step"),
         get("script", "rust_seconds_per_step"),
     );
+    if let Some(phases) = results.get("steps").and_then(|s| s["phases"].as_object()) {
+        println!("seconds per phase, alternated steps         DPO        GANPO");
+        for (phase, seconds) in phases {
+            let column = |i: usize| seconds[i].as_f64().unwrap_or(f64::NAN);
+            println!("  {phase:<40} {:>10.2} {:>12.2}", column(0), column(1));
+        }
+    }
     if let (Some(seconds), Some(pairs)) = (get("data", "seconds"), get("data", "pairs")) {
         println!(
             "data: {pairs} pairs read, chat-formatted, tokenized and batched in {seconds:.3} s"

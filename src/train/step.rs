@@ -2,6 +2,7 @@
 //! loss) or of GANPO over a [`PreferenceBatch`], with gradient accumulation over micro-batches.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 
@@ -229,6 +230,35 @@ fn finite(step: usize, term: &str, value: f64) -> Result<f64> {
     }
 }
 
+/// Wall-clock seconds of a step's phases, summed over micro-batches and reported as
+/// `time/<phase>` metrics.
+struct Phases {
+    last: Instant,
+    seconds: BTreeMap<&'static str, f64>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            seconds: BTreeMap::new(),
+        }
+    }
+
+    /// Charges the time since the previous mark to `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        *self.seconds.entry(phase).or_insert(0.0) += (now - self.last).as_secs_f64();
+        self.last = now;
+    }
+
+    fn report(self, metrics: &mut BTreeMap<String, f64>) {
+        for (phase, seconds) in self.seconds {
+            metrics.insert(format!("time/{phase}"), seconds);
+        }
+    }
+}
+
 fn add_metrics(total: &mut BTreeMap<String, f64>, m: BTreeMap<String, f64>, weight: f64) {
     for (k, v) in m {
         *total.entry(k).or_insert(0.0) += v * weight;
@@ -284,7 +314,9 @@ fn reference_pass(
 /// For each micro-batch: policy forward with gradient, reference log-probs (precomputed or a
 /// no-grad reference forward), loss, backward; the gradients are averaged, clipped, and the
 /// optimizer steps once. Returns the metrics averaged over micro-batches (TRL names), plus
-/// `grad_norm` (before clipping) and `lr`.
+/// `grad_norm` (before clipping), `lr` and the wall-clock seconds of the step's phases
+/// (`time/policy_forward`, `time/reference_forward`, `time/policy_backward`,
+/// `time/optimizer`).
 pub fn dpo_step(
     inputs: &StepInputs,
     optimizer: &mut dyn Optimizer,
@@ -298,6 +330,7 @@ pub fn dpo_step(
 
     let mut accumulator = GradAccumulator::new();
     let mut metrics = BTreeMap::new();
+    let mut phases = Phases::start();
     for &(start, len) in &chunks {
         let m = micro(inputs, pairs, start, len)?;
         let weight = m.pairs as f64 / pairs as f64;
@@ -311,7 +344,9 @@ pub fn dpo_step(
             .ok_or_else(|| Error::invalid("policy returned no logits"))?;
         let policy_logps = sequence_logps(&logits, &m.input_ids, &m.completion_mask)?;
         drop(logits);
+        phases.mark("policy_forward");
         let (reference_logps, _) = reference_pass(inputs.reference, &m, needs_reference, None)?;
+        phases.mark("reference_forward");
 
         let (loss, m_metrics) =
             preference_loss(&cfg.preference, &policy_logps, reference_logps.as_ref())?;
@@ -319,6 +354,7 @@ pub fn dpo_step(
         let grads = loss.affine(weight, 0.0)?.backward()?;
         accumulator.add(&vars, &grads, 1.0)?;
         add_metrics(&mut metrics, m_metrics, weight);
+        phases.mark("policy_backward");
     }
 
     let mut grads = accumulator.take();
@@ -328,6 +364,8 @@ pub fn dpo_step(
     };
     finite(inputs.step, "grad_norm", norm)?;
     optimizer.step(&grads)?;
+    phases.mark("optimizer");
+    phases.report(&mut metrics);
 
     metrics.insert("grad_norm".into(), norm);
     metrics.insert("lr".into(), optimizer.lr());
@@ -494,7 +532,9 @@ fn step_discriminators(
 /// discriminators step (`disc_steps` times: extra updates re-score the last micro-batch) and
 /// then the policy steps. Metrics: the preference metrics, `dpo_loss`, `g_loss_mimic`,
 /// `g_loss_mimic_rej`, `disc_loss_pos`, `disc_loss_neg`, `disc_acc_pos`, `disc_acc_neg`,
-/// `loss`, `grad_norm`, `lr`, `disc_lr` and the moving means (`mean/…`).
+/// `loss`, `grad_norm`, `lr`, `disc_lr`, the moving means (`mean/…`) and the phases' seconds
+/// (DPO's `time/…` plus `time/discriminators`, both updates and their optimizer steps, and
+/// `time/generator`).
 pub fn ganpo_step(
     inputs: &StepInputs,
     optimizer: &mut dyn Optimizer,
@@ -519,6 +559,7 @@ pub fn ganpo_step(
     let mut disc_acc = [GradAccumulator::new(), GradAccumulator::new()];
     let mut metrics = BTreeMap::new();
     let mut last_disc_inputs = None;
+    let mut phases = Phases::start();
     for (i, &(start, len)) in chunks.iter().enumerate() {
         let m = micro(inputs, pairs, start, len)?;
         let weight = m.pairs as f64 / pairs as f64;
@@ -536,10 +577,12 @@ pub fn ganpo_step(
             .ok_or_else(|| Error::invalid(format!("no hidden state {layer}")))?
             .clone();
         drop(out);
+        phases.mark("policy_forward");
         let (reference_logps, reference_h) =
             reference_pass(inputs.reference, &m, needs_reference, Some(layer))?;
         let reference_h =
             reference_h.ok_or_else(|| Error::invalid("reference returned no hidden state"))?;
+        phases.mark("reference_forward");
 
         let pool_mask = match cfg.pooling {
             Pooling::All => None,
@@ -557,6 +600,7 @@ pub fn ganpo_step(
         if i + 1 == chunks.len() {
             step_discriminators(adversary, &mut disc_acc, cfg.disc_max_grad_norm)?;
         }
+        phases.mark("discriminators");
 
         let (pref_loss, p_metrics) =
             preference_loss(&base.preference, &policy_logps, reference_logps.as_ref())?;
@@ -564,6 +608,7 @@ pub fn ganpo_step(
         let (g_loss, g_metrics, grad_h) =
             generator_gradient(adversary, &disc_inputs, &policy_h, cfg.lambda)?;
         finite(inputs.step, "g_loss", g_loss)?;
+        phases.mark("generator");
         let loss_value = finite(
             inputs.step,
             "loss",
@@ -574,6 +619,7 @@ pub fn ganpo_step(
         let surrogate = policy_h.mul(&grad_h)?.sum_all()?;
         let grads = pref_loss.add(&surrogate)?.affine(weight, 0.0)?.backward()?;
         policy_acc.add(&vars, &grads, 1.0)?;
+        phases.mark("policy_backward");
 
         let mut p_metrics = p_metrics;
         p_metrics.insert("dpo_loss".into(), p_metrics["loss"]);
@@ -588,6 +634,7 @@ pub fn ganpo_step(
             d.backward(adversary, &mut disc_acc, 1.0, inputs.step)?;
             step_discriminators(adversary, &mut disc_acc, cfg.disc_max_grad_norm)?;
         }
+        phases.mark("discriminators");
     }
 
     let mut grads = policy_acc.take();
@@ -597,6 +644,8 @@ pub fn ganpo_step(
     };
     finite(inputs.step, "grad_norm", norm)?;
     optimizer.step(&grads)?;
+    phases.mark("optimizer");
+    phases.report(&mut metrics);
 
     metrics.insert("grad_norm".into(), norm);
     metrics.insert("lr".into(), optimizer.lr());
