@@ -617,7 +617,9 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "dpo_step(policy, reference, batch, optimizer, opts) -> map",
         "One fused optimiser step of a preference loss (reference may be () for SimPO); opts: \
          loss, beta, label_smoothing, simpo_gamma, reference_free, micro_batch_pairs, \
-         max_grad_norm, step. Returns TRL-named metrics, grad_norm and lr.",
+         max_grad_norm, step. Returns TRL-named metrics, grad_norm, lr and the seconds of \
+         each phase (time/policy_forward, time/reference_forward, time/policy_backward, \
+         time/optimizer).",
         "let m = dpo_step(policy, reference, b, opt, #{beta: 0.1, step: step});",
         script_dpo_step,
     );
@@ -626,7 +628,9 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "ganpo_step(policy, reference, batch, optimizer, adversary, opts) -> map",
         "One fused GANPO step: discriminator updates then the policy update; opts: the \
          dpo_step ones plus lambda, layer (-1 = last), pooling (all, tokens, completion), \
-         disc_steps, disc_max_grad_norm.",
+         disc_steps, disc_max_grad_norm. Returns the dpo_step metrics plus dpo_loss, \
+         g_loss_mimic(_rej), disc_loss_pos/neg, disc_acc_pos/neg, the moving means (mean/...), \
+         time/discriminators and time/generator.",
         "let m = ganpo_step(policy, reference, b, opt, adv, #{lambda: 0.5, disc_steps: 2});",
         script_ganpo_step,
     );
