@@ -107,3 +107,27 @@ fn a_bf16_load_keeps_the_asked_dtype() {
     let error = max_diff(&bf16.to_dtype(DType::F32).unwrap(), &logits(&model));
     assert!(error < 0.1, "bf16 logits differ from f32 by {error}");
 }
+
+#[cfg(unix)]
+#[test]
+fn saved_weights_get_the_permissions_of_any_new_file_not_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let model =
+        CausalLm::new_random(ModelConfig::tiny(Family::Llama), &LoadOptions::default(), 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("final");
+    model.save(&out, None).unwrap();
+
+    // What the umask gives a plain new file here (0644 under the usual 022).
+    let probe = out.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let expected = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+    for file in ["model.safetensors", "config.json"] {
+        let mode = std::fs::metadata(out.join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, expected, "{file}: {mode:o} vs {expected:o}");
+    }
+}

@@ -25,7 +25,7 @@ impl CausalLm {
             .collect::<Result<_>>()?;
         let weights = dir.join("model.safetensors");
         let partial = part_path(&weights);
-        candle_core::safetensors::save(&tensors, &partial)?;
+        crate::fsio::save_safetensors(&tensors, &partial)?;
         std::fs::rename(&partial, &weights).map_err(|e| Error::io(&weights, e))?;
 
         let mut config = self.config.to_hf_json();

@@ -184,7 +184,7 @@ impl Checkpoint {
                 .iter()
                 .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
                 .collect::<Result<_>>()?;
-            candle_core::safetensors::save(&map, &path)?;
+            crate::fsio::save_safetensors(&map, &path)?;
             fsync(&path)?;
         }
         let state_path = tmp.join(STATE);
