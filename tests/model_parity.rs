@@ -87,3 +87,36 @@ fn gemma2_matches_transformers_on_a_padded_batch() {
 fn gemma3_matches_transformers_on_a_padded_batch() {
     check_family("gemma3");
 }
+
+/// A GGUF file written as llama.cpp's converter writes Gemma (`make_gemma_ggufs.py`): norms
+/// stored with the `+1` folded in, llama.cpp's names and metadata, no per-layer kinds.
+fn check_gemma_gguf(name: &str) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
+    let path = dir.join(format!("{name}.gguf"));
+    let model = CausalLm::load(path.to_str().unwrap(), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let io = candle_core::safetensors::load(
+        dir.join(format!("{name}_gguf.io.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let input_ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = io["attention_mask"].clone();
+    let out = model
+        .forward(&input_ids, &mask, &ForwardOptions::default())
+        .unwrap();
+    let error = max_error_on_real_tokens(out.logits.as_ref().unwrap(), &io["logits"], &mask);
+    println!("{name} GGUF: logits max abs error {error:.2e}");
+    assert!(error <= TOLERANCE, "{name} GGUF logits error {error}");
+}
+
+#[test]
+fn gemma2_gguf_matches_transformers() {
+    check_gemma_gguf("gemma2");
+}
+
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    check_gemma_gguf("gemma3");
+}

@@ -290,15 +290,16 @@ impl ModelConfig {
         let family = match arch.as_str() {
             "llama" | "mistral" => Family::Llama,
             "qwen2" => Family::Qwen2,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
             other => {
-                // TODO: Gemma GGUF files need their own tensor-name map and norm convention
-                // (llama.cpp stores Gemma norms with the +1 folded in); not done yet.
                 return Err(Error::UnsupportedArchitecture {
                     arch: format!("{other} (GGUF)"),
-                    supported: vec!["llama", "mistral", "qwen2"],
+                    supported: vec!["llama", "mistral", "qwen2", "gemma2", "gemma3"],
                 });
             }
         };
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
         let key = |k: &str| format!("{arch}.{k}");
 
         let hidden_size = meta.usize(&key("embedding_length"))?;
@@ -320,14 +321,53 @@ impl ModelConfig {
             .unwrap_or(hidden_size / num_attention_heads.max(1));
         let num_hidden_layers = meta.usize(&key("block_count"))?;
         let sliding_window = meta.opt_usize(&key("attention.sliding_window"))?;
-        let layer_types = vec![
-            if sliding_window.is_some() {
-                AttentionKind::Sliding
-            } else {
-                AttentionKind::Full
-            };
-            num_hidden_layers
-        ];
+        // GGUF stores no per-layer kinds: llama.cpp slides every layer of a Llama-family
+        // model with a window, and fixes Gemma's patterns by architecture (Gemma 2: even
+        // layers slide; Gemma 3: five sliding layers, then one full).
+        let layer_types = (0..num_hidden_layers)
+            .map(|i| {
+                let sliding = match family {
+                    _ if sliding_window.is_none() => false,
+                    Family::Gemma2 => i % 2 == 0,
+                    Family::Gemma3 => (i + 1) % 6 != 0,
+                    _ => true,
+                };
+                if sliding {
+                    AttentionKind::Sliding
+                } else {
+                    AttentionKind::Full
+                }
+            })
+            .collect();
+        let scaling = match meta.opt_string(&key("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: meta.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0),
+            },
+            Some(other) => {
+                return Err(Error::Parse {
+                    path: path.to_path_buf(),
+                    line: None,
+                    msg: format!("GGUF rope scaling `{other}` is not supported (linear is)"),
+                })
+            }
+        };
+        // Not in the metadata either; llama.cpp's values: Gemma 3's sliding layers rotate
+        // with base 10000, and queries are scaled by 1/sqrt(head_dim) except in the 27B
+        // models (46 layers for Gemma 2, 62 for Gemma 3), which use 1/sqrt(hidden / heads).
+        let rope_local = (family == Family::Gemma3).then_some(RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        });
+        let is_27b = matches!(
+            (family, num_hidden_layers),
+            (Family::Gemma2, 46) | (Family::Gemma3, 62)
+        );
+        let query_pre_attn_scalar = gemma.then_some(if is_27b {
+            (hidden_size / num_attention_heads.max(1)) as f64
+        } else {
+            head_dim as f64
+        });
 
         let eos = meta.opt_usize("tokenizer.ggml.eos_token_id")?;
         Self {
@@ -344,22 +384,26 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: meta
                 .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
+                .unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
             rope: RopeConfig {
                 theta: meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
-                scaling: RopeScaling::None,
+                scaling,
             },
-            rope_local: None,
+            rope_local,
             max_position_embeddings: meta.opt_usize(&key("context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: family == Family::Qwen2,
             mlp_bias: false,
-            activation: Activation::Silu,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
             sliding_window,
             layer_types,
-            query_pre_attn_scalar: None,
-            attn_logit_softcapping: None,
-            final_logit_softcapping: None,
+            query_pre_attn_scalar,
+            attn_logit_softcapping: meta.opt_f64(&key("attn_logit_softcapping"))?,
+            final_logit_softcapping: meta.opt_f64(&key("final_logit_softcapping"))?,
             bos_token_id: meta
                 .opt_usize("tokenizer.ggml.bos_token_id")?
                 .map(|v| v as u32),
@@ -715,6 +759,16 @@ impl GgufFields<'_> {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_string(&self, key: &str) -> Result<Option<String>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.clone()))
+                .map_err(|_| self.missing(key)),
+        }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {

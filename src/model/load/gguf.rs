@@ -1,5 +1,6 @@
 //! GGUF files (llama.cpp): every tensor dequantized to the asked dtype, renamed to the Hugging
-//! Face layout, with llama.cpp's q/k row permutation undone and tied embeddings handled.
+//! Face layout, with llama.cpp's q/k row permutation undone (Llama family), Gemma's norm
+//! weights given back their `(1 + w)` form, and tied embeddings handled.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -35,7 +36,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let heads = config.num_attention_heads;
     let kv_heads = config.num_key_value_heads;
     let model = CausalLm::build(config, opts, |name, shape| {
-        let gguf_name = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+        let gguf_name = gguf_name(name, family).ok_or_else(|| Error::MissingTensor {
             name: format!("{name} (no GGUF equivalent)"),
             path: path.to_path_buf(),
         })?;
@@ -61,6 +62,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         } else if family == Family::Llama && name.ends_with("k_proj.weight") {
             tensor = unpermute_rows(&tensor, kv_heads, name, path)?;
         }
+        // llama.cpp's converter folds Gemma's `1 + w` into its norm weights; our Gemma
+        // norms, as transformers', add the 1 themselves.
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+        if gemma && name.ends_with("norm.weight") {
+            tensor = tensor.affine(1.0, -1.0)?;
+        }
         finish_tensor(tensor, name, path, shape, opts)
     })?;
 
@@ -72,8 +79,9 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     Ok(Loaded { model, tokenizer })
 }
 
-/// The GGUF tensor name of a Hugging Face parameter name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF tensor name of a Hugging Face parameter name (llama.cpp's names; Gemma's four
+/// norms per block map differently from Llama's two).
+fn gguf_name(hf: &str, family: Family) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -92,7 +100,14 @@ fn gguf_name(hf: &str) -> Option<String> {
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
+        "post_attention_layernorm" => match family {
+            Family::Gemma2 | Family::Gemma3 => "post_attention_norm",
+            Family::Llama | Family::Qwen2 => "ffn_norm",
+        },
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{kind}"))
