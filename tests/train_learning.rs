@@ -427,3 +427,99 @@ fn simpo_needs_no_reference_model_and_learns() {
     assert_eq!(last["rewards/accuracies"], 1.0, "{last:?}");
     assert!(last["rewards/margins"] > 0.5, "{last:?}");
 }
+
+/// `ganpo_step` takes the generator term's gradient through the discriminators on a detached
+/// copy of the policy states (each discriminator on its own thread) and feeds it into the
+/// policy's backward; the update must equal plain SGD on `L_pref + λ·L_G` differentiated
+/// straight through the frozen discriminators in eval mode.
+#[test]
+fn ganpo_policy_gradient_equals_the_direct_gradient_of_the_full_loss() {
+    use ganpo::model::{ForwardOptions, HiddenStates};
+    use ganpo::objective::{ganpo::generator_loss, preference_loss, sequence_logps};
+    use ganpo::optim::{Sgd, SgdConfig};
+
+    let (stepped, reference) = tiny_models();
+    let (direct, _) = tiny_models();
+    let batch = tiny_batch();
+    let lambda = 0.7;
+    let sgd = SgdConfig {
+        lr: 1.0,
+        ..Default::default()
+    };
+    let mut opt = Sgd::new(stepped.vars(), sgd).unwrap();
+    let mut adv = adversary(stepped.config().hidden_size, true);
+    // The discriminators must not move, so that the direct gradient below sees the state the
+    // step's generator term saw (the moving means and spectral vectors of its update).
+    adv.chosen_optimizer.set_lr(0.0);
+    adv.rejected_optimizer.set_lr(0.0);
+    let cfg = GanpoStepConfig {
+        lambda,
+        base: DpoStepConfig {
+            max_grad_norm: None,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let inputs = StepInputs {
+        policy: &stepped,
+        reference: Some(&reference),
+        batch: &batch,
+        reference_logps: None,
+        step: 0,
+    };
+    ganpo_step(&inputs, &mut opt, &mut adv, &cfg).unwrap();
+
+    let layers = direct.config().num_hidden_layers;
+    let opts = ForwardOptions {
+        logits: true,
+        hidden: HiddenStates::Layers(vec![layers]),
+    };
+    let out = direct
+        .forward(&batch.input_ids, &batch.attention_mask, &opts)
+        .unwrap();
+    let logps = sequence_logps(
+        out.logits.as_ref().unwrap(),
+        &batch.input_ids,
+        &batch.completion_mask,
+    )
+    .unwrap();
+    let reference_logps = ganpo::train::reference_logps(&reference, &batch).unwrap();
+    let (pref, _) = preference_loss(&cfg.base.preference, &logps, Some(&reference_logps)).unwrap();
+    let h = out.hidden(layers).unwrap();
+    let d_c = adv
+        .chosen
+        .forward_frozen(&h.narrow(0, 0, 4).unwrap(), None, false)
+        .unwrap();
+    let d_r = adv
+        .rejected
+        .forward_frozen(&h.narrow(0, 4, 4).unwrap(), None, false)
+        .unwrap();
+    let (g, _) = generator_loss(&adv.means, &d_c, &d_r).unwrap();
+    let grads = pref
+        .add(&g.affine(lambda, 0.0).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    for ((name, after), (_, before)) in stepped.vars().iter().zip(direct.vars().iter()) {
+        let step = before.as_tensor().sub(after.as_tensor()).unwrap();
+        let grad = grads
+            .get(before.as_tensor())
+            .expect("every parameter has a gradient");
+        let scale: f32 = grad.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let err: f32 = step
+            .sub(grad)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(
+            err <= 1e-5 * scale.max(1e-3),
+            "{name}: update {err} off (gradient scale {scale})"
+        );
+    }
+}

@@ -407,8 +407,27 @@ impl DiscInputs {
         Ok(t.narrow(0, if chosen { 0 } else { self.pairs }, self.pairs)?)
     }
 
+    /// One discriminator's scores on `[ref chosen; ref rejected; policy]`: the policy's
+    /// chosen rows for D_c, its rejected rows for D_r.
+    fn scores(&self, disc: &Discriminator, chosen: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let policy_h = self.halves(&self.policy_h, chosen)?;
+        let policy_mask = match &self.pool_mask {
+            Some(mask) => Some(self.halves(mask, chosen)?),
+            None => None,
+        };
+        score(
+            disc,
+            &self.reference_h,
+            &policy_h,
+            self.pool_mask.as_ref(),
+            policy_mask.as_ref(),
+        )
+    }
+
     /// Forms both discriminator losses (updating the moving means) and backpropagates them
-    /// into the discriminators' accumulators.
+    /// into the discriminators' accumulators. The two discriminators share nothing, so their
+    /// forwards run side by side, and so do their backwards: each fills the cores the other
+    /// leaves idle in its serial stretches.
     fn backward(
         &self,
         adversary: &mut Adversary,
@@ -416,46 +435,22 @@ impl DiscInputs {
         weight: f64,
         step: usize,
     ) -> Result<BTreeMap<String, f64>> {
-        let mut metrics = BTreeMap::new();
-        for chosen in [true, false] {
-            let disc = if chosen {
-                &adversary.chosen
-            } else {
-                &adversary.rejected
-            };
-            let policy_h = self.halves(&self.policy_h, chosen)?;
-            let policy_mask = match &self.pool_mask {
-                Some(mask) => Some(self.halves(mask, chosen)?),
-                None => None,
-            };
-            let (ref_w, ref_l, pol) = score(
-                disc,
-                &self.reference_h,
-                &policy_h,
-                self.pool_mask.as_ref(),
-                policy_mask.as_ref(),
-            )?;
-            let (loss, m) = if chosen {
-                chosen_disc_loss(&mut adversary.means, &ref_w, &ref_l, &pol)?
-            } else {
-                rejected_disc_loss(&mut adversary.means, &ref_w, &ref_l, &pol)?
-            };
-            let term = if chosen {
-                "disc_loss_pos"
-            } else {
-                "disc_loss_neg"
-            };
-            finite(step, term, scalar(&loss)?)?;
+        let (chosen, rejected) = rayon::join(
+            || self.scores(&adversary.chosen, true),
+            || self.scores(&adversary.rejected, false),
+        );
+        let ((c_ref_w, c_ref_l, c_pol), (r_ref_w, r_ref_l, r_pol)) = (chosen?, rejected?);
+        let means = &mut adversary.means;
+        let (loss_pos, mut metrics) = chosen_disc_loss(means, &c_ref_w, &c_ref_l, &c_pol)?;
+        let (loss_neg, m) = rejected_disc_loss(means, &r_ref_w, &r_ref_l, &r_pol)?;
+        metrics.extend(m);
+        finite(step, "disc_loss_pos", scalar(&loss_pos)?)?;
+        finite(step, "disc_loss_neg", scalar(&loss_neg)?)?;
 
-            let grads = loss.affine(weight, 0.0)?.backward()?;
-            let disc = if chosen {
-                &adversary.chosen
-            } else {
-                &adversary.rejected
-            };
-            accumulators[usize::from(!chosen)].add(&disc.vars(), &grads, 1.0)?;
-            metrics.extend(m);
-        }
+        let backward = |loss: &Tensor| -> Result<_> { Ok(loss.affine(weight, 0.0)?.backward()?) };
+        let (pos, neg) = rayon::join(|| backward(&loss_pos), || backward(&loss_neg));
+        accumulators[0].add(&adversary.chosen.vars(), &pos?, 1.0)?;
+        accumulators[1].add(&adversary.rejected.vars(), &neg?, 1.0)?;
         Ok(metrics)
     }
 }
@@ -474,30 +469,43 @@ fn generator_gradient(
     policy_h: &Tensor,
     lambda: f64,
 ) -> Result<(f64, BTreeMap<String, f64>, Tensor)> {
-    let h = Var::from_tensor(&policy_h.detach())?;
     let mask = |chosen: bool| -> Result<Option<Tensor>> {
         d.pool_mask
             .as_ref()
             .map(|mk| d.halves(mk, chosen))
             .transpose()
     };
-    let d_c = adversary.chosen.forward_frozen(
-        &d.halves(h.as_tensor(), true)?,
-        mask(true)?.as_ref(),
-        false,
-    )?;
-    let d_r = adversary.rejected.forward_frozen(
-        &d.halves(h.as_tensor(), false)?,
-        mask(false)?.as_ref(),
-        false,
-    )?;
-    let (g_loss, metrics) = generator_loss(&adversary.means, &d_c, &d_r)?;
-    let value = scalar(&g_loss)?;
-    let grads = g_loss.affine(lambda, 0.0)?.backward()?;
-    let grad_h = match grads.get(h.as_tensor()) {
-        Some(g) => g.detach(),
-        None => h.as_tensor().zeros_like()?,
+    // One half of the states (a Var of its own) and its scores, D_c on the chosen rows and
+    // D_r on the rejected ones; the two run side by side.
+    let (d_chosen, d_rejected, means) = (&adversary.chosen, &adversary.rejected, &adversary.means);
+    let score_half = |chosen: bool| -> Result<(Var, Tensor)> {
+        let h = Var::from_tensor(&d.halves(&policy_h.detach(), chosen)?)?;
+        let disc = if chosen { d_chosen } else { d_rejected };
+        let scores = disc.forward_frozen(h.as_tensor(), mask(chosen)?.as_ref(), false)?;
+        Ok((h, scores))
     };
+    let (chosen, rejected) = rayon::join(|| score_half(true), || score_half(false));
+    let ((h_w, d_c), (h_l, d_r)) = (chosen?, rejected?);
+    let (g_loss, metrics) = generator_loss(means, &d_c, &d_r)?;
+    let value = scalar(&g_loss)?;
+
+    // Each half's gradient comes from its own term of L_G alone, so the two backwards also
+    // run side by side, each on L_G with the other discriminator's scores detached.
+    let half_gradient = |chosen: bool| -> Result<Tensor> {
+        let (scores_c, scores_r, h) = if chosen {
+            (d_c.clone(), d_r.detach(), &h_w)
+        } else {
+            (d_c.detach(), d_r.clone(), &h_l)
+        };
+        let (loss, _) = generator_loss(means, &scores_c, &scores_r)?;
+        let grads = loss.affine(lambda, 0.0)?.backward()?;
+        Ok(match grads.get(h.as_tensor()) {
+            Some(g) => g.detach(),
+            None => h.as_tensor().zeros_like()?,
+        })
+    };
+    let (grad_w, grad_l) = rayon::join(|| half_gradient(true), || half_gradient(false));
+    let grad_h = Tensor::cat(&[grad_w?, grad_l?], 0)?;
     Ok((value, metrics, grad_h))
 }
 
