@@ -12,8 +12,8 @@
 //! runs as one op over `(x, params)`, `params` being the layer's twelve tensors flattened and
 //! concatenated ([`FLAT_ORDER`]); the forward keeps what the backward needs (the packed q|k|v
 //! projection, the attention probabilities, the attention output, `x1`, the FFN's
-//! pre-activation and its dropped activation, and the dropout masks as bytes), and the
-//! backward computes every gradient in place. Dropout masks come from the same generator and
+//! pre-activation, and the dropout masks as bytes; the dropped GELU activation is recomputed),
+//! and the backward computes every gradient in place. Dropout masks come from the same generator and
 //! seeds as the composed layer's, so both give the same numbers.
 
 use std::sync::Mutex;
@@ -134,7 +134,6 @@ struct Saved {
     mask1: Vec<u8>,
     x1: Vec<f32>,
     pre_activation: Vec<f32>,
-    activation: Vec<f32>,
     mask2: Vec<u8>,
     mask3: Vec<u8>,
 }
@@ -304,6 +303,26 @@ fn dropped(g: &[f32], mask: &[u8], scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// `kept(gelu(u), mask)` elementwise (no mask: `gelu(u)`).
+fn gelu_dropped(pre_activation: &[f32], mask: &[u8], scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; pre_activation.len()];
+    out.par_chunks_mut(ELEMENT_CHUNK)
+        .zip(pre_activation.par_chunks(ELEMENT_CHUNK))
+        .enumerate()
+        .for_each(|(c, (a, u))| {
+            for (a, &u) in a.iter_mut().zip(u) {
+                *a = fastmath::gelu_erf(u).0;
+            }
+            if !mask.is_empty() {
+                let m = &mask[c * ELEMENT_CHUNK..c * ELEMENT_CHUNK + a.len()];
+                a.iter_mut()
+                    .zip(m)
+                    .for_each(|(a, &m)| *a = kept(*a, m, scale));
+            }
+        });
+    out
+}
+
 fn element_mask(n: usize, keep: f64, seed: Option<u64>) -> Vec<u8> {
     match seed {
         Some(seed) => keep_mask(n, ELEMENT_CHUNK, keep, seed),
@@ -404,25 +423,9 @@ impl CustomOp2 for EncoderLayer {
         let pre_activation = linear(&normed, w1, b1, (rows, d));
         drop(normed);
         let mask2 = element_mask(rows * f, keep.element.0, self.seed(2));
-        let scale = keep.element.1;
-        let mut activation = vec![0f32; rows * f];
-        activation
-            .par_chunks_mut(ELEMENT_CHUNK)
-            .zip(pre_activation.par_chunks(ELEMENT_CHUNK))
-            .enumerate()
-            .for_each(|(c, (a, u))| {
-                for (a, &u) in a.iter_mut().zip(u) {
-                    *a = fastmath::gelu_erf(u).0;
-                }
-                if !mask2.is_empty() {
-                    let m = &mask2[c * ELEMENT_CHUNK..c * ELEMENT_CHUNK + a.len()];
-                    a.iter_mut()
-                        .zip(m)
-                        .for_each(|(a, &m)| *a = kept(*a, m, scale));
-                }
-            });
-
+        let activation = gelu_dropped(&pre_activation, &mask2, keep.element.1);
         let mut out = linear(&activation, w2, b2, (rows, f));
+        drop(activation);
         let mask3 = element_mask(rows * d, keep.element.0, self.seed(3));
         add_dropped(&mut out, &x1, &mask3, keep.element.1);
 
@@ -438,7 +441,6 @@ impl CustomOp2 for EncoderLayer {
                 mask1,
                 x1,
                 pre_activation,
-                activation,
                 mask2,
                 mask3,
             };
@@ -488,7 +490,10 @@ impl CustomOp2 for EncoderLayer {
         let dy2 = dropped(grad, &saved.mask3, scale);
         if let Some(dp) = dp.as_mut() {
             column_sums(&dy2, dp[7]);
-            weight_grad(dp[6], &dy2, &saved.activation, (rows, d, f));
+            // The FFN's dropped activation is recomputed rather than kept: it is the layer's
+            // largest tensor, and a GELU pass costs far less than holding it.
+            let activation = gelu_dropped(&saved.pre_activation, &saved.mask2, scale);
+            weight_grad(dp[6], &dy2, &activation, (rows, d, f));
         }
         let mut du = input_grad(&dy2, w2, (rows, d, f));
         drop(dy2);
