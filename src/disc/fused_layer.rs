@@ -13,8 +13,8 @@
 //! concatenated ([`FLAT_ORDER`]); the forward keeps what the backward needs (the packed q|k|v
 //! projection, the attention probabilities, the attention output, `x1`, the FFN's
 //! pre-activation, and the dropout masks as bytes; the dropped GELU activation is recomputed),
-//! and the backward computes every gradient in place. Dropout masks come from the same generator and
-//! seeds as the composed layer's, so both give the same numbers.
+//! and the backward computes every gradient in place. Dropout masks come from the same
+//! generator and seeds as the composed layer's, so both give the same numbers.
 
 use std::sync::Mutex;
 
@@ -23,8 +23,8 @@ use rayon::prelude::*;
 
 use crate::model::fastmath;
 use crate::model::fused::{
-    chunk_rows, f32_slice, keep_mask, kept, layer_norm_row, layer_norm_row_backward, matmul,
-    parallelism, tensor_f32, View, ELEMENT_CHUNK,
+    chunk_rows, f32_slice, keep_mask, kept, layer_norm_backward_rows, layer_norm_rows, linear_rows,
+    matmul, parallelism, tensor_f32, View, ELEMENT_CHUNK,
 };
 use crate::model::fused_attention::{self, Dims, Packing, Strided};
 
@@ -148,29 +148,6 @@ fn row_chunk(width: usize) -> usize {
     chunk_rows(width) * width
 }
 
-/// `y[R, out] = x[R, in] · Wᵀ + b`.
-fn linear(x: &[f32], w: &[f32], b: &[f32], (rows, features): (usize, usize)) -> Vec<f32> {
-    let out = b.len();
-    let mut y = vec![0f32; rows * out];
-    let wt = View::dense(0, features).t();
-    let xv = View::dense(0, features);
-    matmul(
-        (rows, out, features),
-        &mut y,
-        false,
-        (x, xv),
-        (w, wt),
-        1.0,
-        parallelism(),
-    );
-    y.par_chunks_mut(row_chunk(out)).for_each(|y| {
-        for row in y.chunks_mut(out) {
-            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-        }
-    });
-    y
-}
-
 /// `dW[out, in] = gᵀ · x` for `g` `[R, out]` and `x` `[R, in]`, into `dw`.
 fn weight_grad(dw: &mut [f32], g: &[f32], x: &[f32], (rows, out, features): (usize, usize, usize)) {
     let gt = View::dense(0, out).t();
@@ -218,60 +195,6 @@ fn column_sums(m: &[f32], out: &mut [f32]) {
     out.fill(0.0);
     for part in partial {
         out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
-    }
-}
-
-/// LayerNorm of every row of `x` into a new buffer.
-fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f64) -> Vec<f32> {
-    let width = w.len();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(row_chunk(width))
-        .zip(x.par_chunks(row_chunk(width)))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
-                layer_norm_row(x, (w, b), eps as f32, y);
-            }
-        });
-    y
-}
-
-/// Adds the LayerNorm backward of `g` (output gradient) at input `x` to `dx`, and, when given,
-/// its weight and bias gradients to `dwb` (`[dw | db]`).
-fn layer_norm_backward(
-    x: &[f32],
-    w: &[f32],
-    g: &[f32],
-    eps: f64,
-    dx: &mut [f32],
-    dwb: Option<(&mut [f32], &mut [f32])>,
-) {
-    let width = w.len();
-    let chunk = row_chunk(width);
-    let want = dwb.is_some();
-    let partial: Vec<Vec<f32>> = dx
-        .par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .map(|(dx, (x, g))| {
-            let mut part = vec![0f32; if want { 2 * width } else { 0 }];
-            for ((dx, x), g) in dx
-                .chunks_mut(width)
-                .zip(x.chunks(width))
-                .zip(g.chunks(width))
-            {
-                let dwb = want.then_some(&mut part[..]);
-                layer_norm_row_backward(x, w, g, eps as f32, (dx, true), dwb);
-            }
-            part
-        })
-        .collect();
-    if let Some((dw, db)) = dwb {
-        dw.fill(0.0);
-        db.fill(0.0);
-        for part in partial {
-            let (pw, pb) = part.split_at(width);
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
     }
 }
 
@@ -397,8 +320,8 @@ impl CustomOp2 for EncoderLayer {
         let (rows, f) = (n * t, spec.ffn);
         let keep = self.keep();
 
-        let normed = layer_norm(x, (g1, be1), spec.eps.0);
-        let qkv = linear(&normed, w_in, b_in, (rows, d));
+        let normed = layer_norm_rows(x, (g1, be1), spec.eps.0 as f32);
+        let qkv = linear_rows(&normed, w_in, Some(b_in), (rows, 3 * d, d));
         drop(normed);
         let dims = self.dims(n, t);
         let attention_mask = match self.seed(0) {
@@ -415,16 +338,16 @@ impl CustomOp2 for EncoderLayer {
             keep.attention.1,
         );
 
-        let mut x1 = linear(&attended, w_out, b_out, (rows, d));
+        let mut x1 = linear_rows(&attended, w_out, Some(b_out), (rows, d, d));
         let mask1 = element_mask(rows * d, keep.element.0, self.seed(1));
         add_dropped(&mut x1, x, &mask1, keep.element.1);
 
-        let normed = layer_norm(&x1, (g2, be2), spec.eps.1);
-        let pre_activation = linear(&normed, w1, b1, (rows, d));
+        let normed = layer_norm_rows(&x1, (g2, be2), spec.eps.1 as f32);
+        let pre_activation = linear_rows(&normed, w1, Some(b1), (rows, f, d));
         drop(normed);
         let mask2 = element_mask(rows * f, keep.element.0, self.seed(2));
         let activation = gelu_dropped(&pre_activation, &mask2, keep.element.1);
-        let mut out = linear(&activation, w2, b2, (rows, f));
+        let mut out = linear_rows(&activation, w2, Some(b2), (rows, d, f));
         drop(activation);
         let mask3 = element_mask(rows * d, keep.element.0, self.seed(3));
         add_dropped(&mut out, &x1, &mask3, keep.element.1);
@@ -513,7 +436,7 @@ impl CustomOp2 for EncoderLayer {
             });
         if let Some(dp) = dp.as_mut() {
             column_sums(&du, dp[5]);
-            let normed = layer_norm(&saved.x1, (g2, be2), spec.eps.1);
+            let normed = layer_norm_rows(&saved.x1, (g2, be2), spec.eps.1 as f32);
             weight_grad(dp[4], &du, &normed, (rows, f, d));
         }
         let dc = input_grad(&du, w1, (rows, f, d));
@@ -523,7 +446,7 @@ impl CustomOp2 for EncoderLayer {
             let (left, right) = dp.split_at_mut(11);
             (&mut *left[10], &mut *right[0])
         });
-        layer_norm_backward(&saved.x1, g2, &dc, spec.eps.1, &mut dx1, dwb);
+        layer_norm_backward_rows(&saved.x1, g2, &dc, spec.eps.1 as f32, (&mut dx1, true), dwb);
         drop(dc);
 
         // Attention: x1 = x + drop(attended · W_outᵀ + b_out)
@@ -549,7 +472,7 @@ impl CustomOp2 for EncoderLayer {
         drop(d_attended);
         if let Some(dp) = dp.as_mut() {
             column_sums(&dqkv, dp[1]);
-            let normed = layer_norm(x_data, (g1, be1), spec.eps.0);
+            let normed = layer_norm_rows(x_data, (g1, be1), spec.eps.0 as f32);
             weight_grad(dp[0], &dqkv, &normed, (rows, 3 * d, d));
         }
         let da = input_grad(&dqkv, w_in, (rows, 3 * d, d));
@@ -558,7 +481,7 @@ impl CustomOp2 for EncoderLayer {
             let (left, right) = dp.split_at_mut(9);
             (&mut *left[8], &mut *right[0])
         });
-        layer_norm_backward(x_data, g1, &da, spec.eps.0, &mut dx1, dwb);
+        layer_norm_backward_rows(x_data, g1, &da, spec.eps.0 as f32, (&mut dx1, true), dwb);
 
         let device = x.device();
         let grad_x = match want_x {

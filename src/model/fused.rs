@@ -436,17 +436,7 @@ impl CustomOp2 for Linear {
             );
         }
         let rows = x.len() / features.max(1);
-        let mut y = vec![0f32; rows * out];
-        // y [rows, out] = x [rows, features] · Wᵀ, Wᵀ read through W's strides.
-        matmul(
-            (rows, out, features),
-            &mut y,
-            false,
-            (x, View::dense(0, features)),
-            (w, View::dense(0, features).t()),
-            1.0,
-            parallelism(),
-        );
+        let y = linear_rows(x, w, None, (rows, out, features));
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("checked above") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -504,8 +494,7 @@ impl CustomOp3 for LinearBias {
         if b.len() != l2.dims()[0] {
             candle_core::bail!("linear: bias {:?} for weight {:?}", l3.dims(), l2.dims());
         }
-        y.par_chunks_mut(b.len())
-            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        add_bias(&mut y, b);
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -628,6 +617,39 @@ pub(crate) fn matmul(
             parallelism,
         );
     }
+}
+
+/// `y [rows, out] = x [rows, features] · Wᵀ (+ b)`, Wᵀ read through W's strides.
+pub(crate) fn linear_rows(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (rows, out, features): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    matmul(
+        (rows, out, features),
+        &mut y,
+        false,
+        (x, View::dense(0, features)),
+        (w, View::dense(0, features).t()),
+        1.0,
+        parallelism(),
+    );
+    if let Some(b) = b {
+        add_bias(&mut y, b);
+    }
+    y
+}
+
+/// Adds `b` to every row of `y` (rows of `b.len()`).
+fn add_bias(y: &mut [f32], b: &[f32]) {
+    let width = b.len();
+    y.par_chunks_mut(chunk_rows(width) * width).for_each(|y| {
+        for row in y.chunks_mut(width) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+    });
 }
 
 /// `x W^T` for `x` `[.., in]` and `W` `[out, in]` (f32, CPU), differentiable in both.
@@ -879,7 +901,7 @@ fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// One row of torch's `LayerNorm`: `y = (x − mean) · rstd · w + b`.
-pub(crate) fn layer_norm_row(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, y: &mut [f32]) {
+fn layer_norm_row(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, y: &mut [f32]) {
     let (mean, rstd) = row_moments(x, eps);
     for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
         *y = (x - mean) * rstd * w + b;
@@ -889,7 +911,7 @@ pub(crate) fn layer_norm_row(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, y: &
 /// The backward of [`layer_norm_row`] for the output gradient `g`: writes `dx` (or adds to it
 /// when the flag is set) and, when given, adds the row's `dw` to `dwb[..width]` and `db` to
 /// `dwb[width..]`. The moments are recomputed from `x`.
-pub(crate) fn layer_norm_row_backward(
+fn layer_norm_row_backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
@@ -925,6 +947,60 @@ pub(crate) fn layer_norm_row_backward(
     }
 }
 
+/// [`layer_norm_row`] over every row of `x`, into a new buffer.
+pub(crate) fn layer_norm_rows(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32) -> Vec<f32> {
+    let width = w.len();
+    let chunk = chunk_rows(width) * width;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
+                layer_norm_row(x, (w, b), eps, y);
+            }
+        });
+    y
+}
+
+/// [`layer_norm_row_backward`] over every row: writes (or, with the flag, adds to) `dx`, and
+/// adds the weight and bias gradients to `dwb` when given.
+pub(crate) fn layer_norm_backward_rows(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    (dx, accumulate): (&mut [f32], bool),
+    dwb: Option<(&mut [f32], &mut [f32])>,
+) {
+    let width = w.len();
+    let chunk = chunk_rows(width) * width;
+    let want = dwb.is_some();
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .map(|(dx, (x, g))| {
+            // This task's dw in the first half, db in the second.
+            let mut part = vec![0f32; if want { 2 * width } else { 0 }];
+            for ((dx, x), g) in dx
+                .chunks_mut(width)
+                .zip(x.chunks(width))
+                .zip(g.chunks(width))
+            {
+                let dwb = want.then_some(&mut part[..]);
+                layer_norm_row_backward(x, w, g, eps, (dx, accumulate), dwb);
+            }
+            part
+        })
+        .collect();
+    if let Some((dw, db)) = dwb {
+        for part in partial {
+            let (pw, pb) = part.split_at(width);
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "ganpo-layer-norm"
@@ -951,16 +1027,7 @@ impl CustomOp3 for LayerNorm {
                 l3.dims()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        let rows = chunk_rows(width) * width;
-        let eps = self.eps;
-        out.par_chunks_mut(rows)
-            .zip(x.par_chunks(rows))
-            .for_each(|(out, x)| {
-                for (y, x) in out.chunks_mut(width).zip(x.chunks(width)) {
-                    layer_norm_row(x, (w, b), eps, y);
-                }
-            });
+        let out = layer_norm_rows(x, (w, b), self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1011,31 +1078,9 @@ impl CustomOp3 for LayerNormBackward {
         let width = w.len();
         let rows = x.len() / width.max(1);
         let mut out = vec![0f32; x.len() + 2 * width];
-        let (dx_all, _) = out.split_at_mut(x.len());
-        let chunk = chunk_rows(width) * width;
-        let eps = self.eps;
-
-        let partial: Vec<Vec<f32>> = dx_all
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .map(|(dx, (x, g))| {
-                // dw in the first half, db in the second.
-                let mut dwb = vec![0f32; 2 * width];
-                for ((dx, x), g) in dx
-                    .chunks_mut(width)
-                    .zip(x.chunks(width))
-                    .zip(g.chunks(width))
-                {
-                    layer_norm_row_backward(x, w, g, eps, (dx, false), Some(&mut dwb));
-                }
-                dwb
-            })
-            .collect();
-
-        let dwb = &mut out[x.len()..];
-        for part in partial {
-            dwb.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
+        let (dx, dwb) = out.split_at_mut(x.len());
+        let (dw, db) = dwb.split_at_mut(width);
+        layer_norm_backward_rows(x, w, g, self.eps, (dx, false), Some((dw, db)));
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, width))))
     }
 }

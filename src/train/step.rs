@@ -372,28 +372,6 @@ pub fn dpo_step(
     Ok(metrics)
 }
 
-/// Scores of one discriminator on `[reference rows (2m); policy rows (m)]` in one forward.
-fn score(
-    disc: &Discriminator,
-    reference_h: &Tensor,
-    policy_h: &Tensor,
-    reference_mask: Option<&Tensor>,
-    policy_mask: Option<&Tensor>,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let m = policy_h.dim(0)?;
-    let h = Tensor::cat(&[reference_h, policy_h], 0)?;
-    let mask = match (reference_mask, policy_mask) {
-        (Some(r), Some(p)) => Some(Tensor::cat(&[r, p], 0)?),
-        _ => None,
-    };
-    let s = disc.forward(&h, mask.as_ref(), true)?;
-    Ok((
-        s.narrow(0, 0, m)?,
-        s.narrow(0, m, m)?,
-        s.narrow(0, 2 * m, m)?,
-    ))
-}
-
 /// Detached states a discriminator update needs, for one micro-batch.
 struct DiscInputs {
     reference_h: Tensor,
@@ -407,21 +385,32 @@ impl DiscInputs {
         Ok(t.narrow(0, if chosen { 0 } else { self.pairs }, self.pairs)?)
     }
 
-    /// One discriminator's scores on `[ref chosen; ref rejected; policy]`: the policy's
-    /// chosen rows for D_c, its rejected rows for D_r.
+    /// The pooling mask of the chosen (or rejected) rows, when pooling is masked.
+    fn half_mask(&self, chosen: bool) -> Result<Option<Tensor>> {
+        self.pool_mask
+            .as_ref()
+            .map(|mask| self.halves(mask, chosen))
+            .transpose()
+    }
+
+    /// One discriminator's scores on `[ref chosen; ref rejected; policy]` in one forward: the
+    /// policy's chosen rows for D_c, its rejected rows for D_r.
     fn scores(&self, disc: &Discriminator, chosen: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        let policy_h = self.halves(&self.policy_h, chosen)?;
-        let policy_mask = match &self.pool_mask {
-            Some(mask) => Some(self.halves(mask, chosen)?),
-            None => None,
+        let m = self.pairs;
+        let h = Tensor::cat(
+            &[&self.reference_h, &self.halves(&self.policy_h, chosen)?],
+            0,
+        )?;
+        let mask = match (&self.pool_mask, self.half_mask(chosen)?) {
+            (Some(reference), Some(policy)) => Some(Tensor::cat(&[reference, &policy], 0)?),
+            _ => None,
         };
-        score(
-            disc,
-            &self.reference_h,
-            &policy_h,
-            self.pool_mask.as_ref(),
-            policy_mask.as_ref(),
-        )
+        let s = disc.forward(&h, mask.as_ref(), true)?;
+        Ok((
+            s.narrow(0, 0, m)?,
+            s.narrow(0, m, m)?,
+            s.narrow(0, 2 * m, m)?,
+        ))
     }
 
     /// Forms both discriminator losses (updating the moving means) and backpropagates them
@@ -436,7 +425,7 @@ impl DiscInputs {
         step: usize,
     ) -> Result<BTreeMap<String, f64>> {
         let mut metrics = BTreeMap::new();
-        for chosen in [true, false] {
+        for (chosen, accumulator) in [true, false].into_iter().zip(accumulators.iter_mut()) {
             let disc = if chosen {
                 &adversary.chosen
             } else {
@@ -444,24 +433,16 @@ impl DiscInputs {
             };
             let (ref_w, ref_l, pol) = self.scores(disc, chosen)?;
             let means = &mut adversary.means;
-            let (loss, m) = if chosen {
-                chosen_disc_loss(means, &ref_w, &ref_l, &pol)?
+            let (loss, m, term) = if chosen {
+                let (loss, m) = chosen_disc_loss(means, &ref_w, &ref_l, &pol)?;
+                (loss, m, "disc_loss_pos")
             } else {
-                rejected_disc_loss(means, &ref_w, &ref_l, &pol)?
-            };
-            let term = if chosen {
-                "disc_loss_pos"
-            } else {
-                "disc_loss_neg"
+                let (loss, m) = rejected_disc_loss(means, &ref_w, &ref_l, &pol)?;
+                (loss, m, "disc_loss_neg")
             };
             finite(step, term, scalar(&loss)?)?;
             let grads = loss.affine(weight, 0.0)?.backward()?;
-            let disc = if chosen {
-                &adversary.chosen
-            } else {
-                &adversary.rejected
-            };
-            accumulators[usize::from(!chosen)].add(&disc.vars(), &grads, 1.0)?;
+            accumulator.add(&disc.vars(), &grads, 1.0)?;
             metrics.extend(m);
         }
         Ok(metrics)
@@ -482,19 +463,13 @@ fn generator_gradient(
     policy_h: &Tensor,
     lambda: f64,
 ) -> Result<(f64, BTreeMap<String, f64>, Tensor)> {
-    let mask = |chosen: bool| -> Result<Option<Tensor>> {
-        d.pool_mask
-            .as_ref()
-            .map(|mk| d.halves(mk, chosen))
-            .transpose()
-    };
     // One half of the states (a Var of its own) and its scores, D_c on the chosen rows and
     // D_r on the rejected ones; the two run side by side.
     let (d_chosen, d_rejected, means) = (&adversary.chosen, &adversary.rejected, &adversary.means);
     let score_half = |chosen: bool| -> Result<(Var, Tensor)> {
         let h = Var::from_tensor(&d.halves(&policy_h.detach(), chosen)?)?;
         let disc = if chosen { d_chosen } else { d_rejected };
-        let scores = disc.forward_frozen(h.as_tensor(), mask(chosen)?.as_ref(), false)?;
+        let scores = disc.forward_frozen(h.as_tensor(), d.half_mask(chosen)?.as_ref(), false)?;
         Ok((h, scores))
     };
     let (chosen, rejected) = rayon::join(|| score_half(true), || score_half(false));
