@@ -8,15 +8,20 @@
 //! - the scripting overhead: a rhai-driven training loop against the same loop in Rust.
 //!
 //! Each case runs in a child process of its own, so that its peak resident memory (VmHWM) is
-//! its own. Usage:
+//! its own. The step cases also report their peak live heap (bytes allocated and not yet
+//! freed, counted by this binary's allocator): the memory the step needs, apart from the
+//! freed blocks the allocator keeps for reuse, which makes the resident peak vary by a few
+//! percent from run to run with the order of allocations. Usage:
 //!
 //! ```text
 //! ganpo-bench [--model GGUF] [--data JSON] [--iters N] [--python PATH] [--cases a,b,...]
 //! ```
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +41,67 @@ use ganpo::script::api::train::OptimizerHandle;
 use ganpo::script::{Host, HostOptions};
 use ganpo::tokenize::Tokenizer;
 use ganpo::train::{dpo_step, ganpo_step, Adversary, DpoStepConfig, GanpoStepConfig, StepInputs};
+
+/// The system allocator, counting the bytes it has handed out and not yet taken back, and
+/// their high-water mark: the memory a case's tensors need, apart from the freed blocks that
+/// the allocator keeps for reuse (which the resident size includes).
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl Counting {
+    fn grew(bytes: usize) {
+        let live = LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        PEAK_LIVE_BYTES.fetch_max(live, Ordering::Relaxed);
+    }
+
+    fn shrank(bytes: usize) {
+        LIVE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counters are only
+// updated around it.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        System.dealloc(p, layout);
+        Self::shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        let q = System.realloc(p, layout, size);
+        if !q.is_null() {
+            Self::shrank(layout.size());
+            Self::grew(size);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The most heap bytes live at once in this process so far, in MiB.
+fn peak_live_mb() -> f64 {
+    PEAK_LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -189,6 +255,7 @@ fn train_case(args: &Args) -> Result<Value> {
         "cpu_seconds_per_step": cpu,
         "seconds_per_step": seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_live_mb": peak_live_mb(),
     }))
 }
 
@@ -237,6 +304,7 @@ fn step_case(case: &str, args: &Args) -> Result<Value> {
         "rows": rows,
         "tokens": t,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_live_mb": peak_live_mb(),
     }))
 }
 
@@ -637,6 +705,11 @@ fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
         "GANPO step peak memory MiB (vs DPO step)",
         get("ganpo", "peak_rss_mb"),
         get("dpo", "peak_rss_mb"),
+    );
+    row(
+        "GANPO step peak live heap MiB (vs DPO step)",
+        get("ganpo", "peak_live_mb"),
+        get("dpo", "peak_live_mb"),
     );
     row(
         "scripted DPO loop seconds/step (vs Rust loop)",
