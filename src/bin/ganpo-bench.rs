@@ -14,7 +14,8 @@
 //! percent from run to run with the order of allocations. Usage:
 //!
 //! ```text
-//! ganpo-bench [--model GGUF] [--data JSON] [--iters N] [--python PATH] [--cases a,b,...]
+//! ganpo-bench [--model GGUF] [--data JSON] [--iters N] [--rounds N] [--python PATH]
+//!             [--cases a,b,...]
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -144,6 +145,12 @@ struct Args {
     )]
     cases: Vec<String>,
 
+    /// How many times the cases run, one after the other in turn (train, torch, ..., train,
+    /// torch, ...); each figure reported is the median over the rounds, so that a slow spell
+    /// of the machine weighs on both sides of a ratio alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+
     /// Internal: run one case in this process and print its JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -164,22 +171,30 @@ fn main() -> Result<()> {
         );
     }
 
-    let mut results = serde_json::Map::new();
-    for case in &args.cases {
-        eprintln!("ganpo-bench: measuring {case} ...");
-        let figures = if case == "torch" {
-            match find_python(args.python.as_deref()) {
-                Some(python) => torch_case(&python, &args)?,
-                None => {
-                    eprintln!("ganpo-bench: no Python with torch and transformers; skipping torch");
-                    continue;
+    let mut rounds: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for round in 1..=args.rounds.max(1) {
+        for case in &args.cases {
+            eprintln!("ganpo-bench: measuring {case} (round {round}) ...");
+            let figures = if case == "torch" {
+                match find_python(args.python.as_deref()) {
+                    Some(python) => torch_case(&python, &args)?,
+                    None => {
+                        eprintln!(
+                            "ganpo-bench: no Python with torch and transformers; skipping torch"
+                        );
+                        continue;
+                    }
                 }
-            }
-        } else {
-            child_case(case, &args)?
-        };
-        results.insert(case.clone(), figures);
+            } else {
+                child_case(case, &args)?
+            };
+            rounds.entry(case.clone()).or_default().push(figures);
+        }
     }
+    let results = rounds
+        .into_iter()
+        .map(|(case, figures)| (case, median_figures(&figures)))
+        .collect();
     print_report(&results, &args);
     Ok(())
 }
@@ -368,6 +383,21 @@ fn interleaved_case(args: &Args) -> Result<Value> {
         "ganpo_seconds_per_step": median(ganpo_s),
         "phases": phases,
     }))
+}
+
+/// Each numeric field of a case's figures, the median over its rounds (other fields, and
+/// nested ones, from the first round).
+fn median_figures(rounds: &[Value]) -> Value {
+    let mut merged = rounds[0].clone();
+    if let Some(fields) = merged.as_object_mut() {
+        for (key, value) in fields.iter_mut() {
+            if value.is_number() {
+                let values = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+                *value = json!(median(values));
+            }
+        }
+    }
+    merged
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -654,9 +684,10 @@ fn num_threads() -> usize {
 fn print_report(results: &serde_json::Map<String, Value>, args: &Args) {
     let get = |case: &str, key: &str| results.get(case).and_then(|v| v[key].as_f64());
     println!(
-        "ganpo-bench: {} threads, {} iterations per case, model {}",
+        "ganpo-bench: {} threads, {} iterations per case, {} round(s) (medians), model {}",
         num_threads(),
         args.iters,
+        args.rounds.max(1),
         args.model.display()
     );
     println!(
