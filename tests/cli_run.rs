@@ -172,13 +172,62 @@ fn sigint_finishes_the_statement_runs_on_interrupt_hooks_and_exits_130() {
 }
 
 #[test]
-fn a_set_key_the_script_never_reads_is_warned_about_before_it_runs() {
+fn sigint_stops_the_script_at_its_next_batch_so_that_hooks_see_whole_steps() {
+    // Each turn draws a batch (an interruption point), then does a stretch of script work
+    // and counts the step. A Ctrl-C in the middle of a turn lets the turn finish and stops
+    // the script when it asks for the next batch: the hook sees as many steps counted as
+    // batches drawn, so a checkpoint written there is consistent.
+    let dir = tempfile::tempdir().unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/standard.jsonl");
+    let code = "let m = random_model(#{family: \"llama\", seed: 1});\n\
+                let pairs = load_preferences(config.data, m);\n\
+                let s = pairs.sampler(pairs.split(0.0)[0], #{batch_size: 1});\n\
+                let drawn = 0; let done = 0;\n\
+                on_interrupt(|| write_text(\"state.txt\", `${drawn} ${done}`));\n\
+                print(\"ready\");\n\
+                loop {\n\
+                    s.next(); drawn += 1;\n\
+                    let x = 0; for i in 0..20000 { x += i; }\n\
+                    done += 1;\n\
+                }";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
+        .args(["--out", dir.path().to_str().unwrap(), "--set"])
+        .arg(format!("data={data}"))
+        .args(["-e", code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "ready");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+
+    assert!(killed.success());
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let state = std::fs::read_to_string(dir.path().join("state.txt")).unwrap();
+    let counts: Vec<u64> = state.split(' ').map(|n| n.parse().unwrap()).collect();
+    assert!(counts[0] > 0, "{state}");
+    assert_eq!(
+        counts[0], counts[1],
+        "batches drawn vs steps counted: {state}"
+    );
+}
+
+#[test]
+fn a_misspelled_set_key_stops_the_script_before_it_runs_and_other_unread_keys_are_reported() {
     let script = "let steps = cfg(\"max_steps\", 3);\nprint(steps);";
     let out = ganpo_run(&["-e", script, "--set", "max_step=5", "--set", "zzz=1"]);
 
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(text(&out.stdout).trim(), "3");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(text(&out.stdout).trim(), "", "the script must not run");
     assert!(
         stderr.contains("--set max_step: the script never reads it; did you mean max_steps?"),
         "{stderr}"
@@ -187,6 +236,12 @@ fn a_set_key_the_script_never_reads_is_warned_about_before_it_runs() {
         stderr.contains("--set zzz: the script never reads it (it reads: max_steps)"),
         "{stderr}"
     );
+
+    // A key far from every key read (a setting shared by several scripts) only warns.
+    let shared = ganpo_run(&["-e", script, "--set", "zzz=1"]);
+    assert_eq!(shared.status.code(), Some(0), "{}", text(&shared.stderr));
+    assert_eq!(text(&shared.stdout).trim(), "3");
+    assert!(text(&shared.stderr).contains("warning: --set zzz"));
 
     let read = ganpo_run(&["-e", script, "--set", "max_steps=5"]);
     assert!(

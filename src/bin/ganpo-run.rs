@@ -7,9 +7,10 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -119,7 +120,13 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let progress = common::TerminalProgress::new();
     let multi = progress.multi();
     host.engine_mut()
-        .on_print(move |s| multi.suspend(|| println!("{s}")));
+        // A closed stdout (a `| head` that has read enough, a `tee` that died) must not end a
+        // training run: what cannot be printed is dropped.
+        .on_print(move |s| {
+            multi.suspend(|| {
+                let _ = writeln!(std::io::stdout(), "{s}");
+            })
+        });
     host.engine_mut().on_debug(|s, src, pos| {
         eprintln!(
             "[debug {}{pos}] {s}",
@@ -129,21 +136,32 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     host.set_progress_sink(Box::new(progress));
 
     let flag = host.interrupt_flag();
+    let presses = AtomicUsize::new(0);
     ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            // A second Ctrl-C while the first is being honoured: leave at once.
+        if presses.fetch_add(1, Ordering::SeqCst) > 0 {
+            // A second Ctrl-C while the first is being honoured (the hooks clear the flag to
+            // run, so it is counted here): leave at once.
             std::process::exit(130);
         }
+        flag.store(true, Ordering::SeqCst);
         eprintln!(
-            "ganpo-run: Ctrl-C: stopping after the running statement (a training step or an \
-             evaluation finishes first), then running on_interrupt hooks; press again to quit \
+            "ganpo-run: Ctrl-C: the running training step or evaluation finishes, the script \
+             stops before the next one, then its on_interrupt hooks run; press again to quit \
              at once"
         );
     })
     .context("installing the Ctrl-C handler")?;
 
-    for warning in unread_settings(&source, &args_config(args)) {
-        eprintln!("ganpo-run: warning: {warning}");
+    // A key one or two letters from one the script reads is a typo that would otherwise be
+    // ignored for a whole training run: refuse to start. Other unread keys (settings shared
+    // by several scripts) are only reported.
+    let unread = unread_settings(&source, &args_config(args));
+    for (problem, typo) in &unread {
+        let kind = if *typo { "error" } else { "warning" };
+        eprintln!("ganpo-run: {kind}: {problem}");
+    }
+    if unread.iter().any(|(_, typo)| *typo) {
+        return Ok(ExitCode::from(2));
     }
 
     let ast = match host.compile(&source) {
@@ -159,6 +177,16 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             eprintln!("ganpo-run: interrupted; running on_interrupt hooks");
             if let Err(err) = host.run_interrupt_hooks(&ast) {
                 eprintln!("{}", render_error(&err, &name, &source));
+            }
+            let checkpoint = host.context().last_checkpoint.borrow().clone();
+            match checkpoint {
+                Some(dir) if reads_setting(&source, "resume") => eprintln!(
+                    "ganpo-run: newest checkpoint {}; the same command with --set resume=true \
+                     continues from it",
+                    dir.display()
+                ),
+                Some(dir) => eprintln!("ganpo-run: newest checkpoint {}", dir.display()),
+                None => eprintln!("ganpo-run: no checkpoint was written"),
             }
             Ok(ExitCode::from(130))
         }
@@ -177,28 +205,16 @@ fn args_config(args: &Args) -> Vec<String> {
         .collect()
 }
 
-/// A warning for each `--set` key the script never reads, found before it runs (a misspelled
-/// key would otherwise be ignored silently for a whole training run).
+/// A complaint for each `--set` key the script never reads, found before it runs, and whether
+/// it looks like a typo of a key the script reads (a misspelled key would otherwise be ignored
+/// silently for a whole training run).
 ///
 /// The keys a script reads are the string literals of its `cfg("key", ...)` calls; a script
 /// that computes a key or reads the `config` map directly can read anything, and gets none.
-fn unread_settings(source: &str, set: &[String]) -> Vec<String> {
-    let mut read = Vec::new();
-    for (at, _) in source.match_indices("cfg(") {
-        let preceded_by_name = source[..at]
-            .chars()
-            .next_back()
-            .is_some_and(|c| c.is_alphanumeric() || c == '_');
-        if preceded_by_name {
-            continue;
-        }
-        let rest = source[at + 4..].trim_start();
-        match rest.strip_prefix('"').and_then(|r| r.split_once('"')) {
-            Some((key, _)) if !read.iter().any(|r| r == key) => read.push(key.to_string()),
-            Some(_) => {}
-            None => return Vec::new(),
-        }
-    }
+fn unread_settings(source: &str, set: &[String]) -> Vec<(String, bool)> {
+    let Some(read) = settings_read(source) else {
+        return Vec::new();
+    };
     let mentions_config = source.match_indices("config").any(|(at, word)| {
         let before = source[..at].chars().next_back();
         let after = source[at + word.len()..].chars().next();
@@ -217,20 +233,52 @@ fn unread_settings(source: &str, set: &[String]) -> Vec<String> {
                 .min()
                 .filter(|(d, _)| *d <= 2);
             match closest {
-                Some((_, r)) => {
-                    format!("--set {key}: the script never reads it; did you mean {r}?")
-                }
-                None => format!(
-                    "--set {key}: the script never reads it (it reads: {})",
-                    if read.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        read.join(", ")
-                    }
+                Some((_, r)) => (
+                    format!("--set {key}: the script never reads it; did you mean {r}?"),
+                    true,
+                ),
+                None => (
+                    format!(
+                        "--set {key}: the script never reads it (it reads: {})",
+                        if read.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            read.join(", ")
+                        }
+                    ),
+                    false,
                 ),
             }
         })
         .collect()
+}
+
+/// Whether the script reads the setting `key` (`cfg("key", ...)` or `config.key`).
+fn reads_setting(source: &str, key: &str) -> bool {
+    settings_read(source).is_some_and(|read| read.iter().any(|r| r == key))
+        || source.contains(&format!("config.{key}"))
+}
+
+/// The keys a script reads with `cfg("KEY", default)`, in order; `None` when a `cfg(` call
+/// names its key other than by a string literal.
+fn settings_read(source: &str) -> Option<Vec<String>> {
+    let mut read = Vec::new();
+    for (at, _) in source.match_indices("cfg(") {
+        let preceded_by_name = source[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if preceded_by_name {
+            continue;
+        }
+        let rest = source[at + 4..].trim_start();
+        match rest.strip_prefix('"').and_then(|r| r.split_once('"')) {
+            Some((key, _)) if !read.iter().any(|r| r == key) => read.push(key.to_string()),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+    Some(read)
 }
 
 /// Levenshtein distance between two keys.

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,7 +75,8 @@ impl ProgressSink for NoProgress {
 pub struct HostContext {
     /// The options the host was built with.
     pub options: HostOptions,
-    /// Set by Ctrl-C; the engine stops between statements when it is set.
+    /// Set by Ctrl-C; the script stops at its next interruption point
+    /// ([`HostContext::interruption_point`]).
     pub interrupt: Arc<AtomicBool>,
     /// The host's random generator.
     pub rng: RefCell<StdRng>,
@@ -83,12 +84,33 @@ pub struct HostContext {
     pub progress: RefCell<Box<dyn ProgressSink>>,
     /// Script closures to run after an interruption (e.g. writing a checkpoint).
     pub interrupt_hooks: RefCell<Vec<FnPtr>>,
+    /// The folder of the newest checkpoint `save_checkpoint` wrote.
+    pub last_checkpoint: RefCell<Option<PathBuf>>,
     /// When the host was created; `elapsed()` counts from here.
     pub started: Instant,
     next_progress_id: RefCell<u64>,
 }
 
+/// How long script code may keep running after a Ctrl-C before it is stopped wherever it is,
+/// when it reaches no interruption point (a loop of script code alone, say).
+const INTERRUPT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl HostContext {
+    /// An interruption point: after a Ctrl-C, functions that start work which changes the
+    /// training state or takes long (drawing a batch, a training step, an evaluation,
+    /// generation, a training loop) stop the script here, before they begin. The statements
+    /// after the running step (logging it, counting it) still run, so that an
+    /// `on_interrupt` checkpoint holds the state of the steps it counts.
+    pub fn interruption_point(&self) -> std::result::Result<(), Box<EvalAltResult>> {
+        if self.interrupt.load(Ordering::Relaxed) {
+            return Err(Box::new(EvalAltResult::ErrorTerminated(
+                Dynamic::from("interrupted"),
+                Position::NONE,
+            )));
+        }
+        Ok(())
+    }
+
     /// The path a script may write `path` to: relative paths land under `out_dir`; anything
     /// outside `out_dir` is refused unless writes anywhere are allowed.
     pub fn writable(&self, path: &str) -> Result<PathBuf> {
@@ -170,12 +192,23 @@ impl Host {
 
         let interrupt = Arc::new(AtomicBool::new(false));
         let flag = interrupt.clone();
+        // When the script itself first sees the flag (milliseconds since `seen_from`, plus 1;
+        // 0: not yet). It stops at its next interruption point, or after INTERRUPT_GRACE of
+        // script code.
+        let seen_from = Instant::now();
+        let seen = Arc::new(AtomicU64::new(0));
         engine.on_progress(move |_| {
-            if flag.load(Ordering::Relaxed) {
-                Some(Dynamic::from("interrupted"))
-            } else {
-                None
+            if !flag.load(Ordering::Relaxed) {
+                seen.store(0, Ordering::Relaxed);
+                return None;
             }
+            let now = seen_from.elapsed().as_millis() as u64 + 1;
+            let first = match seen.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => now,
+                Err(first) => first,
+            };
+            (now - first >= INTERRUPT_GRACE.as_millis() as u64)
+                .then(|| Dynamic::from("interrupted"))
         });
 
         let mut config = Map::new();
@@ -191,6 +224,7 @@ impl Host {
             interrupt,
             progress: RefCell::new(Box::new(NoProgress)),
             interrupt_hooks: RefCell::new(Vec::new()),
+            last_checkpoint: RefCell::new(None),
             started: Instant::now(),
             next_progress_id: RefCell::new(0),
         });

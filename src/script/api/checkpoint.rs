@@ -99,6 +99,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             )
             .map_err(script_err)?;
             let dir = ckpt.save(&root).map_err(script_err)?;
+            *c.last_checkpoint.borrow_mut() = Some(dir.clone());
             Ok(dir.display().to_string())
         },
     );

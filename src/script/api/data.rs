@@ -232,12 +232,16 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
             Ok(SamplerHandle(Rc::new(RefCell::new(s))))
         },
     );
+    let c = ctx.clone();
     api.func(
         "next",
         "sampler.next() -> array",
         "The pair indices of the next batch (epochs roll over).",
         "let b = pairs.batch(s.next());",
-        |s: &mut SamplerHandle| int_array(&s.0.borrow_mut().next_batch().1),
+        move |s: &mut SamplerHandle| -> RResult<Array> {
+            c.interruption_point()?;
+            Ok(int_array(&s.0.borrow_mut().next_batch().1))
+        },
     );
     api.engine().register_get("epoch", |s: &mut SamplerHandle| {
         s.0.borrow().position().epoch as i64

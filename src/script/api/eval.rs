@@ -281,6 +281,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
               indices: Array,
               opts: Map|
               -> RResult<Map> {
+            c.interruption_point()?;
             let cfg = PreferenceEvalConfig {
                 beta: opt_f64(&opts, "beta", 0.1)?,
                 simpo_beta: opt_f64(&opts, "simpo_beta", 2.0)?,

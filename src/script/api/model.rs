@@ -456,6 +456,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
 
     let c = ctx.clone();
     let generate = move |m: &mut ModelHandle, prompt: Dynamic, opts: Map| -> RResult<Dynamic> {
+        c.interruption_point()?;
         let g = generate_options(&opts, &c, "generate")?;
         if prompt.is_array() {
             let prompts: Vec<String> = prompt
@@ -487,21 +488,24 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
 
     let c = ctx.clone();
     let chat = move |m: &mut ModelHandle, question: Dynamic, opts: Map| -> RResult<Dynamic> {
+        c.interruption_point()?;
         let g = generate_options(&opts, &c, "chat")?;
         let tok = m.tokenizer()?;
-        let questions: Vec<Dynamic> = if question.is_array()
+        // An array of strings is a batch of questions (answered with an array, even when it
+        // holds one); anything else is one question or one conversation.
+        let batch = question.is_array()
             && question
                 .clone()
                 .into_array()
                 .unwrap_or_default()
                 .iter()
-                .all(|q| q.is_string())
-        {
+                .all(|q| q.is_string());
+        let questions: Vec<Dynamic> = if batch {
             question.into_array().unwrap_or_default()
         } else {
             vec![question]
         };
-        let single = questions.len() == 1;
+        let single = !batch;
         let prompts = questions
             .iter()
             .map(|q| {
@@ -531,7 +535,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
         "chat",
         "m.chat(question) -> string; m.chat(question_or_messages, opts)",
         "Answers with the chat template (greedy unless a temperature is given); an array of \
-         questions is answered as one batch.",
+         questions is answered as one batch, with an array of answers.",
         "print(policy.chat(\"What is the capital of France?\"));",
         move |m: &mut ModelHandle, q: Dynamic| chat2(m, q, Map::new()),
     );

@@ -612,6 +612,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                 .map_err(script_err)
         },
     );
+    let (c, c2) = (ctx.clone(), ctx.clone());
     api.func(
         "dpo_step",
         "dpo_step(policy, reference, batch, optimizer, opts) -> map",
@@ -621,7 +622,14 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
          each phase (time/policy_forward, time/reference_forward, time/policy_backward, \
          time/optimizer).",
         "let m = dpo_step(policy, reference, b, opt, #{beta: 0.1, step: step});",
-        script_dpo_step,
+        move |policy: ModelHandle,
+              reference: Dynamic,
+              batch: BatchHandle,
+              optimizer: OptimizerHandle,
+              opts: Map| {
+            c.interruption_point()?;
+            script_dpo_step(policy, reference, batch, optimizer, opts)
+        },
     );
     api.func(
         "ganpo_step",
@@ -632,7 +640,15 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
          g_loss_mimic(_rej), disc_loss_pos/neg, disc_acc_pos/neg, the moving means (mean/...), \
          time/discriminators and time/generator.",
         "let m = ganpo_step(policy, reference, b, opt, adv, #{lambda: 0.5, disc_steps: 2});",
-        script_ganpo_step,
+        move |policy: ModelHandle,
+              reference: Dynamic,
+              batch: BatchHandle,
+              optimizer: OptimizerHandle,
+              adversary: AdversaryHandle,
+              opts: Map| {
+            c2.interruption_point()?;
+            script_ganpo_step(policy, reference, batch, optimizer, adversary, opts)
+        },
     );
 
     api.category("metrics");

@@ -94,6 +94,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                     KEYS.join(", ")
                 )));
             }
+            c.interruption_point()?;
             let steps = opts.get("steps").and_then(|v| v.as_int().ok()).unwrap_or(0);
             let start = opts.get("start").and_then(|v| v.as_int().ok()).unwrap_or(0);
             let policy: ModelHandle = need(&opts, "policy")?;
@@ -125,7 +126,7 @@ pub fn register(api: &mut Api, ctx: &Rc<HostContext>) {
                     adv.as_deref(),
                 )
                 .and_then(|ck| ck.save(&root))
-                .map(|_| ())
+                .map(|dir| *c.last_checkpoint.borrow_mut() = Some(dir))
                 .map_err(script_err)
             };
 
