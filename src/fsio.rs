@@ -34,7 +34,8 @@ pub(crate) fn save_safetensors(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
     path: &Path,
 ) -> Result<()> {
-    candle_core::safetensors::save(tensors, path)?;
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
     default_permissions(path)
 }
 

@@ -129,3 +129,20 @@ fn hub_ids_load_offline_from_the_cache_and_a_missing_one_names_id_and_folder() {
     assert!(msg.contains("HuggingFaceTB/NoSuchModel-1M"), "{msg}");
     assert!(msg.contains(&cache.path().display().to_string()), "{msg}");
 }
+
+#[test]
+fn a_missing_model_file_under_a_local_folder_is_a_missing_file_not_a_hub_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd_relative = format!("{}/missing.gguf", dir.path().display());
+    for source in [
+        cwd_relative.as_str(),
+        "tests/missing.gguf",
+        "tests/missing-model",
+    ] {
+        let err = CausalLm::load(source, &LoadOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(!matches!(err, Error::NotInCache { .. }), "{source}: {msg}");
+        assert!(msg.contains("no such file or folder"), "{source}: {msg}");
+        assert!(msg.contains(source), "{source}: {msg}");
+    }
+}

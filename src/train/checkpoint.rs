@@ -177,7 +177,23 @@ impl Checkpoint {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        if let Err(err) = self.write_files(&tmp) {
+            // A half-written checkpoint (a full disk, say) must not stay behind.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(err);
+        }
 
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+        write_atomic(&root.join(LATEST), name.as_bytes())?;
+        fsync(root)?;
+        Ok(target)
+    }
+
+    /// The checkpoint's files, written and flushed into the folder `tmp`.
+    fn write_files(&self, tmp: &Path) -> Result<()> {
         for (group, tensors) in &self.groups {
             let path = tmp.join(format!("{group}.safetensors"));
             let map: HashMap<String, Tensor> = tensors
@@ -192,15 +208,7 @@ impl Checkpoint {
             .map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
         std::fs::write(&state_path, text).map_err(|e| Error::io(&state_path, e))?;
         fsync(&state_path)?;
-        fsync(&tmp)?;
-
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-        }
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-        write_atomic(&root.join(LATEST), name.as_bytes())?;
-        fsync(root)?;
-        Ok(target)
+        fsync(tmp)
     }
 
     /// The newest complete checkpoint under `root`, if any.

@@ -43,9 +43,17 @@ impl CausalLm {
     }
 }
 
+/// `org/name`, unless it names a file by its extension or its first part is a local folder
+/// (`assets/model.gguf` that is missing is a missing file, not a hub id).
 fn looks_like_hub_id(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    let file_like = [".gguf", ".safetensors", ".bin", ".json", ".pt"]
+        .iter()
+        .any(|ext| lower.ends_with(ext));
     let parts: Vec<&str> = source.split('/').collect();
-    parts.len() == 2
+    !file_like
+        && !Path::new(parts[0]).is_dir()
+        && parts.len() == 2
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
