@@ -221,6 +221,35 @@ fn sigint_stops_the_script_at_its_next_batch_so_that_hooks_see_whole_steps() {
 }
 
 #[test]
+fn a_closed_stdout_does_not_end_the_script() {
+    // `ganpo-run ... | head -2`: once the reader has gone, prints are dropped and the script
+    // runs to its end (a training run piped through a `tee` that dies must keep going).
+    let dir = tempfile::tempdir().unwrap();
+    let code = "for i in 0..20000 { print(i); }\nwrite_text(\"done.txt\", \"yes\");";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
+        .args(["--out", dir.path().to_str().unwrap(), "-e", code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "0");
+    let out = child.wait_with_output().unwrap();
+
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    let done = std::fs::read_to_string(dir.path().join("done.txt")).unwrap();
+    assert_eq!(done, "yes");
+}
+
+#[test]
 fn a_misspelled_set_key_stops_the_script_before_it_runs_and_other_unread_keys_are_reported() {
     let script = "let steps = cfg(\"max_steps\", 3);\nprint(steps);";
     let out = ganpo_run(&["-e", script, "--set", "max_step=5", "--set", "zzz=1"]);
