@@ -1,7 +1,7 @@
 //! `ganpo-run` as a user meets it: exit codes, error carets on stderr, --set, --out, Ctrl-C.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 fn ganpo_run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
@@ -12,6 +12,22 @@ fn ganpo_run(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Starts ganpo-run with `args` and waits for the first line it prints; returns the child,
+/// whose stdout is closed after that line, and the line.
+fn start_until_first_line(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    (child, first.trim().to_string())
 }
 
 #[test]
@@ -148,17 +164,9 @@ fn sigint_finishes_the_statement_runs_on_interrupt_hooks_and_exits_130() {
                 on_interrupt(|| write_text(\"checkpoint.txt\", `step ${step}`));\n\
                 print(\"ready\");\n\
                 loop { step += 1; }";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
-        .args(["--out", dir.path().to_str().unwrap(), "-e", code])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first.trim(), "ready");
+    let (child, first) =
+        start_until_first_line(&["--out", dir.path().to_str().unwrap(), "-e", code]);
+    assert_eq!(first, "ready");
 
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
@@ -190,19 +198,10 @@ fn sigint_stops_the_script_at_its_next_batch_so_that_hooks_see_whole_steps() {
                     let x = 0; for i in 0..20000 { x += i; }\n\
                     done += 1;\n\
                 }";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
-        .args(["--out", dir.path().to_str().unwrap(), "--set"])
-        .arg(format!("data={data}"))
-        .args(["-e", code])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first.trim(), "ready");
+    let data = format!("data={data}");
+    let out_dir = dir.path().to_str().unwrap();
+    let (child, first) = start_until_first_line(&["--out", out_dir, "--set", &data, "-e", code]);
+    assert_eq!(first, "ready");
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     let pid = child.id().to_string();
@@ -226,17 +225,9 @@ fn a_closed_stdout_does_not_end_the_script() {
     // runs to its end (a training run piped through a `tee` that dies must keep going).
     let dir = tempfile::tempdir().unwrap();
     let code = "for i in 0..20000 { print(i); }\nwrite_text(\"done.txt\", \"yes\");";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ganpo-run"))
-        .args(["--out", dir.path().to_str().unwrap(), "-e", code])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first.trim(), "0");
+    let (child, first) =
+        start_until_first_line(&["--out", dir.path().to_str().unwrap(), "-e", code]);
+    assert_eq!(first, "0");
     let out = child.wait_with_output().unwrap();
 
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
