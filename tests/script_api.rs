@@ -349,3 +349,16 @@ fn load_preferences_maps_the_files_own_column_names() {
         "{unknown}"
     );
 }
+
+#[test]
+fn a_mistyped_function_name_is_answered_with_the_closest_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = host_with(dir.path(), &[]);
+    let err = host.eval("lod_model(\"x\")").unwrap_err().to_string();
+    assert!(err.contains("did you mean `load_model`?"), "{err}");
+
+    // Far from every name: no guess.
+    let err = host.eval("zzzzzzzz(1)").unwrap_err().to_string();
+    assert!(err.contains("Function not found"), "{err}");
+    assert!(!err.contains("did you mean"), "{err}");
+}

@@ -184,7 +184,10 @@ fn main() -> anyhow::Result<()> {
                 let topic = trimmed["help ".len()..].trim();
                 match host.registry().help_for(topic) {
                     Some(text) => print!("{text}"),
-                    None => println!("no function `{topic}`; `help` lists them all"),
+                    None => match host.registry().closest(topic) {
+                        Some(near) => println!("no function `{topic}`; did you mean `{near}`?"),
+                        None => println!("no function `{topic}`; `help` lists them all"),
+                    },
                 }
                 continue;
             }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use ganpo::script::{render_error, Host, HostOptions};
+use ganpo::script::{edit_distance, render_error, Host, HostOptions};
 
 /// Run a GANPO experiment script.
 #[derive(Parser, Debug)]
@@ -279,20 +279,4 @@ fn settings_read(source: &str) -> Option<Vec<String>> {
         }
     }
     Some(read)
-}
-
-/// Levenshtein distance between two keys.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitution = previous + usize::from(ca != cb);
-            previous = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
-        }
-    }
-    row[b.len()]
 }

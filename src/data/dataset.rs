@@ -303,11 +303,15 @@ impl<'a> Builder<'a> {
         let value = match record.value {
             Ok(value) => value,
             Err(msg) => {
-                return self.invalid(record.index, msg.clone(), || Error::Parse {
+                let listed = match record.line {
+                    Some(line) => format!("line {line}: {msg}"),
+                    None => msg.clone(),
+                };
+                return self.invalid(record.index, listed, || Error::Parse {
                     path: record.path.clone(),
                     line: record.line,
                     msg,
-                })
+                });
             }
         };
         let format = match self.format.or_else(|| detect(&value, &self.config.columns)) {

@@ -256,11 +256,16 @@ fn read_json_lines(
 
         let value = match std::str::from_utf8(&bytes) {
             Err(e) => Err(format!(
-                "line {line}: text is not valid UTF-8 (byte {})",
+                "text is not valid UTF-8 (byte {})",
                 e.valid_up_to()
             )),
-            Ok(text) => serde_json::from_str::<Value>(text)
-                .map_err(|e| format!("line {line}: malformed JSON: {e}")),
+            Ok(text) => serde_json::from_str::<Value>(text).map_err(|e| {
+                // serde counts lines within this one line of the file: give the column only.
+                let position = format!(" at line {} column {}", e.line(), e.column());
+                let message = e.to_string();
+                let message = message.strip_suffix(&position).unwrap_or(&message);
+                format!("malformed JSON: {message} (column {})", e.column())
+            }),
         };
         each(RawRecord {
             path: path.to_path_buf(),

@@ -296,7 +296,25 @@ impl Host {
 
     /// Runs a compiled script in the session scope, returning the value of its last statement.
     pub fn run_ast(&mut self, ast: &AST) -> std::result::Result<Dynamic, Box<EvalAltResult>> {
-        self.engine.eval_ast_with_scope(&mut self.scope, ast)
+        self.engine
+            .eval_ast_with_scope(&mut self.scope, ast)
+            .map_err(|err| self.suggest(*err))
+    }
+
+    /// A call of an unknown function that is a letter or two from a documented one gets
+    /// "did you mean" added (`lod_model` -> `load_model`).
+    fn suggest(&self, err: EvalAltResult) -> Box<EvalAltResult> {
+        match err {
+            EvalAltResult::ErrorFunctionNotFound(signature, position) => {
+                let name = signature.split([' ', '(']).next().unwrap_or_default();
+                let signature = match self.registry.closest(name) {
+                    Some(near) => format!("{signature}; did you mean `{near}`?"),
+                    None => signature,
+                };
+                Box::new(EvalAltResult::ErrorFunctionNotFound(signature, position))
+            }
+            other => Box::new(other),
+        }
     }
 
     /// Compiles and runs `source` in the session scope.

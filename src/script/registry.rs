@@ -127,6 +127,16 @@ impl Registry {
         self.docs.iter().map(|d| d.name).collect()
     }
 
+    /// The documented name closest to `name`, when one is a letter or two away (a typo).
+    pub fn closest(&self, name: &str) -> Option<&'static str> {
+        self.names()
+            .into_iter()
+            .map(|n| (edit_distance(name, n), n))
+            .filter(|&(d, _)| d > 0 && d <= 2)
+            .min()
+            .map(|(_, n)| n)
+    }
+
     /// Adds entries documented elsewhere (a later registration pass).
     pub fn extend(&mut self, other: Registry) {
         self.docs.extend(other.docs);
@@ -200,4 +210,20 @@ pub fn name_of_signature(signature: &str) -> String {
     head.trim_start_matches("get$")
         .trim_start_matches("set$")
         .to_string()
+}
+
+/// Levenshtein distance between two names.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
 }
