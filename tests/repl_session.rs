@@ -55,7 +55,7 @@ fn tab_completes_functions_and_methods() {
 }
 
 #[test]
-fn help_lists_functions_and_explains_one() {
+fn help_lists_functions_explains_one_and_answers_typos() {
     let dir = tempfile::tempdir().unwrap();
     let mut repl = start(dir.path());
 
@@ -65,6 +65,12 @@ fn help_lists_functions_and_explains_one() {
     repl.send_line("help item").unwrap();
     repl.exp_string("The value of a one-element tensor.")
         .unwrap();
+    repl.exp_string(PROMPT).unwrap();
+    repl.send_line("help lod_model").unwrap();
+    repl.exp_string("did you mean `load_model`?").unwrap();
+    repl.exp_string(PROMPT).unwrap();
+    repl.send_line(":foo").unwrap();
+    repl.exp_string("unknown command `:foo`").unwrap();
     repl.exp_string(PROMPT).unwrap();
     repl.send_line(":quit").unwrap();
     repl.exp_eof().unwrap();

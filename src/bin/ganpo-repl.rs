@@ -191,6 +191,16 @@ fn main() -> anyhow::Result<()> {
                 }
                 continue;
             }
+            _ if trimmed.starts_with(':')
+                && !trimmed.starts_with(":load ")
+                && !matches!(trimmed, ":quit" | ":q" | ":vars") =>
+            {
+                println!(
+                    "unknown command `{trimmed}`; commands: :load FILE, :vars, :quit \
+                     (`help` lists the functions)"
+                );
+                continue;
+            }
             _ if trimmed.starts_with(":load ") => {
                 let file = trimmed[":load ".len()..].trim().to_string();
                 match std::fs::read_to_string(&file) {

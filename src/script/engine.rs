@@ -126,8 +126,8 @@ impl HostContext {
             return Ok(resolved);
         }
         Err(Error::invalid(format!(
-            "refusing to write {}: outside the output folder {} (ganpo-run --allow-write-anywhere \
-             lifts this)",
+            "refusing to write {}: outside the output folder {} (--allow-write-anywhere lifts \
+             this)",
             resolved.display(),
             out.display()
         )))
