@@ -188,6 +188,8 @@ fn main() -> Result<()> {
             } else {
                 child_case(case, &args)?
             };
+            // Each round's own figures, for the spread behind the medians printed at the end.
+            eprintln!("ganpo-bench: {case} round {round}: {figures}");
             rounds.entry(case.clone()).or_default().push(figures);
         }
     }
