@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use ganpo::script::{edit_distance, render_error, Host, HostOptions};
+use ganpo::script::{closest_name, render_error, Host, HostOptions};
 
 /// Run a GANPO experiment script.
 #[derive(Parser, Debug)]
@@ -226,14 +226,9 @@ fn unread_settings(source: &str, set: &[String]) -> Vec<(String, bool)> {
     }
     set.iter()
         .filter(|key| !read.contains(key))
-        .map(|key| {
-            let closest = read
-                .iter()
-                .map(|r| (edit_distance(key, r), r))
-                .min()
-                .filter(|(d, _)| *d <= 2);
-            match closest {
-                Some((_, r)) => (
+        .map(
+            |key| match closest_name(key, read.iter().map(String::as_str)) {
+                Some(r) => (
                     format!("--set {key}: the script never reads it; did you mean {r}?"),
                     true,
                 ),
@@ -248,8 +243,8 @@ fn unread_settings(source: &str, set: &[String]) -> Vec<(String, bool)> {
                     ),
                     false,
                 ),
-            }
-        })
+            },
+        )
         .collect()
 }
 

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, Map, Position, Scope, AST};
 
-use super::registry::{Api, Registry};
+use super::registry::{name_of_signature, Api, Registry};
 use super::repl::Completions;
 use crate::{Error, Result};
 
@@ -306,8 +306,8 @@ impl Host {
     fn suggest(&self, err: EvalAltResult) -> Box<EvalAltResult> {
         match err {
             EvalAltResult::ErrorFunctionNotFound(signature, position) => {
-                let name = signature.split([' ', '(']).next().unwrap_or_default();
-                let signature = match self.registry.closest(name) {
+                let name = name_of_signature(&signature);
+                let signature = match self.registry.closest(&name) {
                     Some(near) => format!("{signature}; did you mean `{near}`?"),
                     None => signature,
                 };

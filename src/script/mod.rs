@@ -12,4 +12,4 @@ pub mod repl;
 
 pub use api::tensor::TensorHandle;
 pub use engine::{render_error, Host, HostContext, HostOptions, NoProgress, ProgressSink};
-pub use registry::{edit_distance, FnDoc, Registry};
+pub use registry::{closest_name, FnDoc, Registry};

@@ -129,12 +129,7 @@ impl Registry {
 
     /// The documented name closest to `name`, when one is a letter or two away (a typo).
     pub fn closest(&self, name: &str) -> Option<&'static str> {
-        self.names()
-            .into_iter()
-            .map(|n| (edit_distance(name, n), n))
-            .filter(|&(d, _)| d > 0 && d <= 2)
-            .min()
-            .map(|(_, n)| n)
+        closest_name(name, self.names())
     }
 
     /// Adds entries documented elsewhere (a later registration pass).
@@ -212,8 +207,22 @@ pub fn name_of_signature(signature: &str) -> String {
         .to_string()
 }
 
+/// The candidate closest to `name` other than `name` itself, when it is a letter or two away
+/// (a typo); of equally close ones, the alphabetically first.
+pub fn closest_name<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|&(d, _)| d > 0 && d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
 /// Levenshtein distance between two names.
-pub fn edit_distance(a: &str, b: &str) -> usize {
+fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
